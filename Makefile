@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh Debian/Ubuntu machine (or any Linux box with Python >= 3.10):
+#   make demo   # the main job: the demo bench, pretraining to comparison tables
+#   make test   # the test suite
+# Both create/refresh the virtual environment in .venv, install the project and its data, then run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= runs/demo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data demo test pretrain-demo bench-perf clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev,segment]'
+	touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist where apt-get exists; elsewhere the
+# first run downloads it through torchvision (or set FASHION_MNIST_DIR).
+data:
+	@if [ ! -f $(FMNIST) ] && command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; fi
+
+demo: setup data
+	$(BIN)/python -m transfer bench --config configs/bench/demo.yaml --output $(OUT)
+
+pretrain-demo: setup data
+	$(BIN)/python -m pretrain --config configs/pretrain/moco_v2_fmnist_demo.yaml --output runs/pretrain-demo
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+bench-perf: setup data
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,140 @@
+"""Configs are data: nested dataclasses that declare every field once with its
+default, read from YAML and overridden with dotted ``key=value`` arguments.
+
+    cfg = load_config(PretrainConfig, "configs/pretrain/demo.yaml", ["train.epochs=2"])
+
+A YAML file may name one ``_base_`` file (relative to itself) whose values it
+overrides; no deeper inheritance, so a config can always be read in two files.
+Unknown keys and badly typed values are refused in one line.
+"""
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from common.errors import UserError
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(value, annotation, where: str):
+    """Check `value` (already YAML-parsed) against a field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if arg is type(None) and value is None:
+                return None
+        errors = []
+        for arg in typing.get_args(annotation):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list such as [1, 2], got {value!r}")
+        (item,) = typing.get_args(annotation)[:1] or (typing.Any,)
+        items = [_coerce(v, item, where) for v in value]
+        return items if origin is list else tuple(items)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is typing.Any:
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a section (mapping), got {value!r}")
+        return from_dict(annotation, value, where + ".")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if annotation in (int, float, str, bool) and not (
+        isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+    ):
+        raise UserError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, refusing unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = _field_names(cls)
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known: {', '.join(names)}"
+            raise UserError(f"unknown config key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping at the top level")
+    base = data.pop("_base_", None)
+    if base:
+        base_data = read_yaml(path.parent / base)
+        if "_base_" in base_data:
+            raise UserError(f"{path}: its _base_ {base} has a _base_ itself; one level only")
+        data = _merge(base_data, data)
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['train.epochs=2', 'model.arch=resnet18'] -> nested dict with YAML-typed values."""
+    out: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not of the form key=value (e.g. train.epochs=2)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} conflicts with another override of {part}")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(cls, path=None, overrides: list[str] | None = None):
+    data = read_yaml(path) if path else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    return from_dict(cls, data)
+
+
+def save_config(cfg, path) -> None:
+    from common.fileio import atomic_write
+
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -1,0 +1,156 @@
+"""MoCo: a query encoder, a momentum key encoder and a queue of keys.
+
+He et al., "Momentum Contrast for Unsupervised Visual Representation Learning"
+(v1, arXiv:1911.05722) and Chen et al., "Improved Baselines with Momentum
+Contrastive Learning" (v2, arXiv:2003.04297). The structure follows the
+official ``moco/builder.py``; what differs is that it runs on any device and at
+any world size, including one process without a process group.
+"""
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from common import dist
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics come from `num_splits` groups of the batch.
+
+    Shuffling BN needs the keys' BN statistics to come from other sub-batches
+    than the queries' (else the model "cheats" through the batch statistics).
+    Across GPUs each rank's BN sees its own sub-batch; on one process, splitting
+    the batch into groups gives the same effect (the official Colab demo's trick).
+    The state-dict keys are those of BatchNorm2d, so checkpoints stay torchvision's.
+    """
+
+    def __init__(self, num_features: int, num_splits: int = 1, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.num_splits
+        if not self.training or g == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if n % g:
+            raise ValueError(f"batch of {n} cannot be split into {g} BN groups")
+        mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)
+        out = F.batch_norm(
+            x.reshape(n // g, c * g, h, w), mean, var, self.weight.repeat(g), self.bias.repeat(g),
+            True, self.momentum, self.eps,
+        ).view(n, c, h, w)
+        # Each group updated its own copy of the running stats; keep their average.
+        self.running_mean.copy_(mean.view(g, c).mean(0))
+        self.running_var.copy_(var.view(g, c).mean(0))
+        self.num_batches_tracked.add_(1)
+        return out
+
+
+def build_encoder(arch: str, dim: int, mlp: bool, bn_splits: int = 1) -> nn.Module:
+    """A torchvision ResNet whose fc is the projection head (v1: linear; v2: MLP).
+
+    Keeping torchvision's module names means the backbone's weights are a plain
+    torchvision state dict under a prefix, which is what converters expect.
+    """
+    try:
+        constructor = torchvision.models.get_model_builder(arch)
+    except ValueError:
+        constructor = None
+    if constructor is None or not arch.startswith(("resnet", "wide_resnet", "resnext")):
+        raise ValueError(f"unknown architecture {arch!r}; use a torchvision ResNet such as resnet50")
+    norm_layer = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
+    encoder = constructor(num_classes=dim, norm_layer=norm_layer)
+    if mlp:  # MoCo v2 head: 2048-2048-128 for ResNet-50
+        hidden = encoder.fc.weight.shape[1]
+        encoder.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), encoder.fc)
+    return encoder
+
+
+class MoCo(nn.Module):
+    """
+    arch: torchvision ResNet name (default resnet50)
+    dim: feature dimension of the keys and queries (default 128)
+    K: queue size, number of negative keys (default 65536)
+    m: momentum of the key encoder update (default 0.999)
+    T: softmax temperature (v1 0.07, v2 0.2)
+    mlp: MLP projection head (v2) instead of a linear one (v1)
+    bn_splits: BN groups per batch (>1 emulates shuffling BN on one process)
+    """
+
+    def __init__(self, arch="resnet50", dim=128, K=65536, m=0.999, T=0.07, mlp=False, bn_splits=1):
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        self.encoder_q = build_encoder(arch, dim, mlp, bn_splits)
+        self.encoder_k = build_encoder(arch, dim, mlp, bn_splits)
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data.copy_(param_q.data)  # the key encoder starts as a copy
+            param_k.requires_grad = False  # and is never updated by gradients
+        # Buffers, so that checkpoints and DDP carry the queue along with the weights.
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        """key = m * key + (1 - m) * query, over every parameter in one fused call."""
+        params_k = [p for p in self.encoder_k.parameters()]
+        params_q = [p.detach() for p in self.encoder_q.parameters()]
+        torch._foreach_mul_(params_k, self.m)
+        torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: torch.Tensor):
+        keys = dist.all_gather_no_grad(keys)  # every rank enqueues every rank's keys
+        batch_size = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        assert self.K % batch_size == 0, "queue size must be a multiple of the global batch"
+        self.queue[:, ptr:ptr + batch_size] = keys.T.to(self.queue.dtype)
+        self.queue_ptr[0] = (ptr + batch_size) % self.K  # the oldest keys go next
+
+    @torch.no_grad()
+    def _batch_shuffle(self, x: torch.Tensor):
+        """Shuffle the global batch so each rank (or BN group) encodes keys from other
+        images than its queries. Returns this rank's slice and how to undo it."""
+        x_all = dist.all_gather_no_grad(x)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
+        dist.broadcast(idx_shuffle, src=0)  # one permutation for all ranks
+        idx_unshuffle = torch.argsort(idx_shuffle)
+        idx_this = idx_shuffle.view(world, -1)[rank]
+        return x_all[idx_this], idx_unshuffle
+
+    @torch.no_grad()
+    def _batch_unshuffle(self, x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+        x_all = dist.all_gather_no_grad(x)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        return x_all[idx_unshuffle.view(world, -1)[rank]]
+
+    def contrastive_logits(self, q: torch.Tensor, k: torch.Tensor):
+        """Nx(1+K) logits with the positive key at index 0, and the N zero labels."""
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # Nx1
+        # clone: the queue is updated in place after this, autograd must not see that
+        l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach().to(q.dtype))  # NxK
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return logits, labels
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor):
+        q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
+
+        with torch.no_grad():
+            # after the query forward, before the key forward, as in the official code
+            self._momentum_update_key_encoder()
+            im_k, idx_unshuffle = self._batch_shuffle(im_k)
+            k = F.normalize(self.encoder_k(im_k), dim=1)
+            k = self._batch_unshuffle(k, idx_unshuffle)
+
+        logits, labels = self.contrastive_logits(q, k)
+        self._dequeue_and_enqueue(k)
+        return logits, labels
+
+
+def backbone(encoder: nn.Module) -> nn.Module:
+    """The encoder up to the pooled features (drops the projection head)."""
+    return nn.Sequential(*list(encoder.children())[:-1], nn.Flatten(1))

@@ -1,0 +1,88 @@
+"""Two-crop views of each image and a resumable, rank-aware sampling order.
+
+Randomness is a pure function of (seed, epoch, image index): the crop an image
+gets does not depend on which worker or rank decodes it, so a run resumed in
+the middle of an epoch sees exactly the batches an uninterrupted run would.
+"""
+import random
+
+import torch
+from PIL import ImageFilter
+from torch.utils.data import Dataset, Sampler
+from torchvision import transforms as T
+
+
+class GaussianBlur:
+    """MoCo v2's blur, sigma drawn uniformly from [0.1, 2] (official moco/loader.py)."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, image):
+        sigma = self.sigma[0] + float(torch.rand(())) * (self.sigma[1] - self.sigma[0])
+        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+def moco_augmentation(version: str, size: int, mean, std):
+    """The official pipelines (main_moco.py L326-350), at any crop size."""
+    normalize = T.Normalize(mean=mean, std=std)
+    if version == "v2":  # "aug+", as in SimCLR
+        ops = [
+            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
+            T.RandomHorizontalFlip(),
+        ]
+    else:  # v1, as in InstDisc
+        ops = [
+            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            T.RandomGrayscale(p=0.2),
+            T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+            T.RandomHorizontalFlip(),
+        ]
+    return T.Compose(ops + [T.ToTensor(), normalize])
+
+
+def eval_transform(size: int, mean, std):
+    """Resize to size*256/224 then center-crop, the ImageNet evaluation convention."""
+    return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(mean=mean, std=std)])
+
+
+class TwoCrops(Dataset):
+    """(query view, key view, label, index) of an ImageDataset, seeded per image."""
+
+    def __init__(self, images, transform, seed: int):
+        self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image = self.images.load_image(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            random.seed(index)  # PIL-level ops never use `random`, but be safe
+            q, k = self.transform(image), self.transform(image)
+        return q, k, self.images.samples[index].label, index
+
+
+class EpochSampler(Sampler):
+    """This rank's indices for one epoch: a seeded permutation cut to whole global
+    batches (MoCo's queue needs every batch full, so the tail is dropped), dealt
+    out rank by rank, starting after `skip_batches` batches already trained."""
+
+    def __init__(self, n, global_batch, rank, world_size, seed, epoch, skip_batches=0):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        self.steps = n // global_batch
+        per_rank = global_batch // world_size
+        batches = perm[: self.steps * global_batch].view(self.steps, world_size, per_rank)
+        self.indices = batches[skip_batches:, rank].reshape(-1).tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
