@@ -5,8 +5,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 
 def atomic_write(path, write_fn) -> None:
     """Call write_fn(tmp_path), fsync, then rename over `path` (atomic on POSIX)."""
@@ -16,6 +14,9 @@ def atomic_write(path, write_fn) -> None:
     os.close(fd)
     try:
         write_fn(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -26,6 +27,8 @@ def atomic_write(path, write_fn) -> None:
 
 
 def atomic_torch_save(obj, path) -> None:
+    import torch  # here, so that reading results.json does not pay for importing torch
+
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 

@@ -1,6 +1,7 @@
 """MoCo pretraining: the algorithm against plain reference computations, the
 distributed path on two real gloo processes, exact resume, and bad inputs."""
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -186,8 +187,13 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert len(logged) == 6 and (tmp_path / "resumed/config.yaml").exists()
 
 
-def test_checkpoint_records_what_converters_need(tmp_path):
-    assert run_pretrain(tmp_path, "train.max_steps=1").returncode == 0
+def test_checkpoint_records_what_converters_need_and_knn_monitor_logs(tmp_path):
+    result = run_pretrain(tmp_path, "train.max_steps=4", "train.knn_every_epochs=1",
+                          "train.knn_max_train=100", "train.knn_max_val=50")
+    assert result.returncode == 0, result.stderr[-2000:]
+    knn = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()
+           if "knn_top1" in line]
+    assert len(knn) == 1 and knn[0]["epoch"] == 1 and 0.0 <= knn[0]["knn_top1"] <= 100.0
     ckpt = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
     assert ckpt["format"] == "moco-bench.pretrain/1" and ckpt["arch"] == "resnet18"
     assert ckpt["method"] == "moco_v2" and ckpt["backbone_prefix"] == "encoder_q."

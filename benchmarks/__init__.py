@@ -1,0 +1,5 @@
+"""Side-by-side benchmarks: every figure is a ratio of two things measured in the
+same run, because absolute times on shared machines are noise.
+
+    python -m benchmarks [--full] [--only NAME] [--output FILE.json]
+"""
