@@ -151,6 +151,18 @@ class MoCo(nn.Module):
         return logits, labels
 
 
+class Supervised(nn.Module):
+    """The same encoder trained with labels: the like-for-like baseline on the same data.
+    Its fc is the classifier, dropped by converters like MoCo's projection head."""
+
+    def __init__(self, arch="resnet50", num_classes=1000):
+        super().__init__()
+        self.encoder = build_encoder(arch, num_classes, mlp=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+
 def backbone(encoder: nn.Module) -> nn.Module:
     """The encoder up to the pooled features (drops the projection head)."""
     return nn.Sequential(*list(encoder.children())[:-1], nn.Flatten(1))

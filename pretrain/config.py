@@ -63,6 +63,9 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
+    # "moco", or "supervised": the same encoder, data, augmentation and epochs trained with
+    # the labels, the honest like-for-like baseline (the moco section is then unused)
+    method: str = "moco"
     model: ModelConfig = field(default_factory=ModelConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -70,7 +73,9 @@ class PretrainConfig:
 
 
 def method_name(cfg: PretrainConfig) -> str:
-    """moco_v1 / moco_v2 when the settings are those of a paper, else moco."""
+    """moco_v1 / moco_v2 when the settings are those of a paper, else moco (or supervised)."""
+    if cfg.method == "supervised":
+        return "supervised"
     m, d, t = cfg.moco, cfg.data, cfg.train
     if not m.mlp and d.augmentation == "v1" and m.temperature == 0.07 and t.schedule == "step":
         return "moco_v1"
@@ -82,10 +87,12 @@ def method_name(cfg: PretrainConfig) -> str:
 def check(cfg: PretrainConfig, world_size: int) -> None:
     """Refuse inconsistent settings before any work starts, one line each."""
     m, d, t = cfg.moco, cfg.data, cfg.train
+    if cfg.method not in ("moco", "supervised"):
+        raise UserError(f"method must be moco or supervised, not {cfg.method!r}")
     if t.batch_size % world_size:
         raise UserError(f"train.batch_size {t.batch_size} is not divisible by the world size "
                         f"{world_size}; choose a global batch that is")
-    if m.queue_size % t.batch_size:
+    if cfg.method == "moco" and m.queue_size % t.batch_size:
         raise UserError(f"moco.queue_size {m.queue_size} is not divisible by the global batch "
                         f"{t.batch_size}; choose a batch that divides it (e.g. "
                         f"{_divisor_near(m.queue_size, t.batch_size)})")
@@ -106,7 +113,7 @@ def check(cfg: PretrainConfig, world_size: int) -> None:
 
 
 def bn_splits(cfg: PretrainConfig, world_size: int) -> int:
-    if cfg.moco.bn != "shuffle":
+    if cfg.moco.bn != "shuffle" or cfg.method == "supervised":
         return 1
     if cfg.moco.bn_splits > 0:
         return cfg.moco.bn_splits

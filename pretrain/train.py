@@ -22,7 +22,7 @@ from common.config import save_config, to_dict
 from common.data import build_dataset
 from common.errors import UserError
 from common.fileio import atomic_torch_save
-from pretrain.builder import MoCo, backbone
+from pretrain.builder import MoCo, Supervised, backbone
 from pretrain.config import PretrainConfig, bn_splits, check, method_name
 from pretrain.data import EpochSampler, TwoCrops, eval_transform, moco_augmentation
 
@@ -52,7 +52,7 @@ def save_checkpoint(path, model, optimizer, scaler, cfg, epoch, epoch_step, step
         "format": CHECKPOINT_FORMAT,
         "arch": cfg.model.arch,
         "method": method_name(cfg),
-        "backbone_prefix": "encoder_q.",
+        "backbone_prefix": "encoder." if cfg.method == "supervised" else "encoder_q.",
         "epoch": epoch,  # completed epochs
         "epoch_step": epoch_step,  # optimizer steps into epoch `epoch` (0 at an epoch end)
         "step": step,
@@ -139,14 +139,19 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
         t.max_steps, steps_per_epoch * t.epochs)
 
     splits = bn_splits(cfg, world)
-    model = MoCo(cfg.model.arch, m.dim, m.queue_size, m.momentum, m.temperature, m.mlp, splits)
+    supervised = cfg.method == "supervised"
+    if supervised:
+        model = Supervised(cfg.model.arch, len(images.classes))
+    else:
+        model = MoCo(cfg.model.arch, m.dim, m.queue_size, m.momentum, m.temperature, m.mlp, splits)
+    query_encoder = model.encoder if supervised else model.encoder_q  # the one that learns
     if m.bn == "sync":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     lr0 = t.lr * t.batch_size / 256
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr0, momentum=t.sgd_momentum,
+    optimizer = torch.optim.SGD(query_encoder.parameters(), lr0, momentum=t.sgd_momentum,
                                 weight_decay=t.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if t.amp == "fp16" else None
     if t.amp == "fp16" and device.type != "cuda":
@@ -174,9 +179,13 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
 
     if main:
         per_rank = t.batch_size // world
-        print(f"MoCo ({method_name(cfg)}): {cfg.model.arch}, K={m.queue_size}, m={m.momentum}, "
-              f"T={m.temperature}, {'MLP' if m.mlp else 'linear'} head, aug {d.augmentation}, "
-              f"BN: {m.bn} ({splits} group(s) per rank)", flush=True)
+        if supervised:
+            print(f"supervised baseline: {cfg.model.arch}, {len(images.classes)} classes, "
+                  f"aug {d.augmentation}", flush=True)
+        else:
+            print(f"MoCo ({method_name(cfg)}): {cfg.model.arch}, K={m.queue_size}, m={m.momentum}, "
+                  f"T={m.temperature}, {'MLP' if m.mlp else 'linear'} head, aug {d.augmentation}, "
+                  f"BN: {m.bn} ({splits} group(s) per rank)", flush=True)
         print(f"batch: world size {world} x {per_rank} per rank = global {t.batch_size}; "
               f"lr {t.lr} x {t.batch_size}/256 = {lr0:g} ({t.schedule}); device {device.type}", flush=True)
         print(f"scale: {len(images)} images of {d.source} at {d.image_size} px, {t.epochs} epochs "
@@ -206,14 +215,17 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
                             # RNG, which the batch shuffle uses and resume restores
                             generator=torch.Generator().manual_seed(t.seed + epoch))
         tic, done_here = time.perf_counter(), 0
-        for im_q, im_k, _, _ in loader:
+        for im_q, im_k, targets, _ in loader:
             im_q = im_q.to(device, non_blocking=True)
             im_k = im_k.to(device, non_blocking=True)
             if t.channels_last:
                 im_q = im_q.contiguous(memory_format=torch.channels_last)
                 im_k = im_k.contiguous(memory_format=torch.channels_last)
             with autocast:
-                logits, labels = ddp(im_q, im_k)
+                if supervised:
+                    logits, labels = ddp(im_q), targets.to(device)
+                else:
+                    logits, labels = ddp(im_q, im_k)
                 loss = criterion(logits.float(), labels)
             if not torch.isfinite(loss):
                 # Stop before the optimizer writes non-finite weights; the last checkpoint is good.
@@ -255,7 +267,7 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
                 save_checkpoint(out / f"checkpoint_ep{done_epochs:04d}.pth", model, optimizer,
                                 scaler, cfg, done_epochs, 0, step)
         if finished_epoch and t.knn_every_epochs and done_epochs % t.knn_every_epochs == 0 and main:
-            knn_top1 = knn_monitor(cfg, model.encoder_q, device)
+            knn_top1 = knn_monitor(cfg, query_encoder, device)
             bar.write(f"epoch {done_epochs}: kNN top-1 {knn_top1:.2f}")
             log.write(json.dumps({"epoch": done_epochs, "step": step, "knn_top1": knn_top1}) + "\n")
             log.flush()

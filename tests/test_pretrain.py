@@ -237,3 +237,13 @@ def test_queue_not_divisible_by_batch_is_one_line(tmp_path):
 
 def test_unknown_override_is_one_line(tmp_path):
     _one_line_error(run_pretrain(tmp_path / "o", "train.epoch=3"), "did you mean train.epochs")
+
+
+def test_supervised_baseline_trains_the_same_encoder_with_labels(tmp_path):
+    result = run_pretrain(tmp_path, "method=supervised", "train.max_steps=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "supervised baseline: resnet18, 10 classes" in result.stdout
+    ckpt = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
+    assert ckpt["method"] == "supervised" and ckpt["backbone_prefix"] == "encoder."
+    assert ckpt["state_dict"]["encoder.fc.weight"].shape == (10, 512)
+    assert not any(k.startswith("encoder_k.") or k == "queue" for k in ckpt["state_dict"])
