@@ -47,3 +47,31 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def tensor_digest(obj) -> str:
+    """sha256 over every tensor and value in a nested dict/list, in a fixed order.
+
+    torch.save's zip format notices a truncated file but not a flipped byte inside
+    a tensor; storing this digest in a checkpoint lets the loader notice both.
+    """
+    import torch
+
+    h = hashlib.sha256()
+
+    def visit(x, path):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{path}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                visit(x[k], f"{path}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                visit(v, f"{path}/{i}")
+        else:
+            h.update(f"{path}={x!r}".encode())
+
+    visit(obj, "")
+    return h.hexdigest()

@@ -21,7 +21,7 @@ from common import dist
 from common.config import save_config, to_dict
 from common.data import build_dataset
 from common.errors import UserError
-from common.fileio import atomic_torch_save
+from common.fileio import atomic_torch_save, tensor_digest
 from pretrain.builder import MoCo, Supervised, backbone
 from pretrain.config import PretrainConfig, bn_splits, check, method_name
 from pretrain.data import EpochSampler, TwoCrops, eval_transform, moco_augmentation
@@ -48,7 +48,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk=(1, 5)) -> list[fl
 
 # ============ checkpoints ============
 def save_checkpoint(path, model, optimizer, scaler, cfg, epoch, epoch_step, step):
-    atomic_torch_save({
+    ckpt = {
         "format": CHECKPOINT_FORMAT,
         "arch": cfg.model.arch,
         "method": method_name(cfg),
@@ -66,7 +66,14 @@ def save_checkpoint(path, model, optimizer, scaler, cfg, epoch, epoch_step, step
         "config": to_dict(cfg),
         "world_size": dist.get_world_size(),
         "git_sha": _git_sha(),
-    }, path)
+    }
+    ckpt["checksum"] = tensor_digest(ckpt)
+    try:
+        atomic_torch_save(ckpt, path)  # temp file + rename: the previous file stays until then
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint {path} ({e.strerror or e}); the previous checkpoint "
+                        "is intact: free disk space or choose another --output, then re-run to resume"
+                        ) from None
 
 
 def load_checkpoint(path) -> dict:
@@ -80,7 +87,40 @@ def load_checkpoint(path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a pretrain checkpoint (format {CHECKPOINT_FORMAT}); "
                         "--resume takes a checkpoint written by python -m pretrain")
+    if ckpt.get("checksum") != tensor_digest({k: v for k, v in ckpt.items() if k != "checksum"}):
+        raise UserError(f"checkpoint {path} is corrupt (checksum mismatch); "
+                        "resume from an earlier checkpoint_epNNNN.pth")
     return ckpt
+
+
+def find_resume(out: Path):
+    """The newest valid checkpoint in `out` (last, then periodic ones), or (None, None).
+    A broken file is reported in one line and skipped, never silently used."""
+    periodic = sorted(out.glob("checkpoint_ep*.pth"), reverse=True)
+    candidates = [p for p in [out / LAST, *periodic] if p.exists()]
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            if dist.is_main_process():
+                print(f"warning: skipping {e}", file=sys.stderr, flush=True)
+    if candidates:
+        raise UserError(f"no valid checkpoint in {out} ({len(candidates)} found, all broken); "
+                        "remove them to start afresh or pass --resume with a good file")
+    return None, None
+
+
+def check_disk_space(out: Path, model: nn.Module, optimizer) -> None:
+    """Refuse to start a run whose checkpoints cannot be written: a checkpoint holds the
+    model, the optimizer's buffers, and while being replaced exists twice."""
+    import shutil
+
+    n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    n_bytes += sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+    free = shutil.disk_usage(out).free
+    if free < 2 * n_bytes:
+        raise UserError(f"only {free / 2**20:.0f} MiB free in {out} but checkpoints need about "
+                        f"{2 * n_bytes / 2**20:.0f} MiB; free disk space or choose another --output")
 
 
 def _git_sha():
@@ -159,9 +199,10 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
 
     # ---- resume: an explicit file, else DIR/checkpoint_last.pth if present ----
     start_epoch, epoch_step, step = 0, 0, 0
-    resume_path = resume or (out / LAST if (out / LAST).exists() else None)
-    if resume_path:
-        ckpt = load_checkpoint(resume_path)
+    if main:
+        check_disk_space(out, model, optimizer)
+    resume_path, ckpt = (resume, load_checkpoint(resume)) if resume else find_resume(out)
+    if ckpt is not None:
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):

@@ -30,7 +30,7 @@ def run_pretrain(out, *overrides, nproc=1, extra_env=None):
     cmd = [sys.executable, "-m", "pretrain", "--config", DEMO, "--output", str(out), *TINY, *overrides]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_port", str(free_port()), "-m", "pretrain", *cmd[3:]]
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "pretrain", *cmd[3:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 

@@ -1,0 +1,75 @@
+"""Run `python -m pretrain` with one fault injected, chosen by the FAULT variable:
+
+    kill_rank:R:N        rank R SIGKILLs itself before its N-th optimizer step (first attempt only)
+    kill_before_rename:N the N-th checkpoint write is killed between temp write and rename
+    nan_loss:N           the N-th loss is NaN
+    disk_free:BYTES      the disk reports only BYTES free
+    enospc_save:N        the N-th checkpoint write fails with "No space left on device"
+
+Faults are injected by patching library calls from outside, so the product code
+has no test hooks.
+"""
+import errno
+import os
+import signal
+import sys
+
+import torch
+
+kind, *args = os.environ["FAULT"].split(":")
+calls = {"n": 0}
+
+
+def nth(n: int) -> bool:
+    calls["n"] += 1
+    return calls["n"] == n
+
+
+if kind == "kill_rank":
+    rank, at = int(args[0]), int(args[1])
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    step = torch.optim.SGD.step
+
+    def killing_step(self, *a, **k):
+        if first_attempt and int(os.environ.get("RANK", "0")) == rank and nth(at):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(self, *a, **k)
+
+    torch.optim.SGD.step = killing_step
+elif kind == "kill_before_rename":
+    replace = os.replace
+
+    def killing_replace(src, dst):
+        if str(dst).endswith(".pth") and nth(int(args[0])):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return replace(src, dst)
+
+    os.replace = killing_replace
+elif kind == "nan_loss":
+    forward = torch.nn.CrossEntropyLoss.forward
+
+    def nan_forward(self, *a, **k):
+        loss = forward(self, *a, **k)
+        return loss * float("nan") if nth(int(args[0])) else loss
+
+    torch.nn.CrossEntropyLoss.forward = nan_forward
+elif kind == "disk_free":
+    import shutil
+
+    usage = shutil.disk_usage
+    shutil.disk_usage = lambda p: usage(p)._replace(free=int(args[0]))
+elif kind == "enospc_save":
+    save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        if nth(int(args[0])):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(obj, f, *a, **k)
+
+    torch.save = failing_save
+else:
+    sys.exit(f"unknown FAULT {kind}")
+
+from pretrain.__main__ import main  # noqa: E402
+
+main(sys.argv[1:])
