@@ -1,0 +1,57 @@
+"""python -m converters {detectron2,mmseg,torchvision} IN OUT [--arch A] [--allow-pickle] [--no-verify]
+
+Reads any supported checkpoint layout (see converters.loader), writes the requested format,
+verifies it (see converters.writers / converters.verify) and prints what was mapped and dropped.
+"""
+import argparse
+import sys
+
+from tabulate import tabulate
+
+from common.errors import cli
+from converters.archs import ARCHS
+from converters.loader import load_backbone
+from converters.writers import CONVERTERS
+
+HELP = {
+    "detectron2": "Detectron2 .pkl ({'model': {name: ndarray}, '__author__', 'matching_heuristics'})",
+    "mmseg": "MMSegmentation .pth ({'state_dict': {'backbone.*': tensor}, 'meta'}) for plain ResNet",
+    "torchvision": "torchvision state dict .pth (loads with only fc.* missing)",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m converters",
+        description="Convert a ResNet checkpoint of any supported layout (moco-bench, MoCo official, "
+                    "mmselfsup/OpenSelfSup, torchvision, Detectron2 .pkl) and verify the output.")
+    sub = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for fmt, text in HELP.items():
+        s = sub.add_parser(fmt, help=text, description=text)
+        s.add_argument("input", help="checkpoint to convert (any supported layout)")
+        s.add_argument("output", help="file to write" + (" (must end in .pkl)" if fmt == "detectron2" else ""))
+        s.add_argument("--arch", choices=list(ARCHS), help="assert the backbone arch (inferred from the weights otherwise)")
+        s.add_argument("--allow-pickle", action="store_true",
+                       help="load files that contain pickled Python objects (only for files you trust)")
+        s.add_argument("--no-verify", action="store_true",
+                       help="skip loading the output into the real library (key-set checks always run)")
+    return p
+
+
+@cli
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    bb = load_backbone(args.input, arch=args.arch, allow_pickle=args.allow_pickle)
+    report = CONVERTERS[args.format](bb, args.output, verify=not args.no_verify)
+    print(f"{args.input}: {bb.layout} layout, {bb.arch} ({bb.meta['arch_from']})")
+    rows = report["rows"] + [(f"output keys ({report['format']})", report["keys"], report["path"])]
+    print(tabulate(rows, headers=["", "keys", "example"], tablefmt="simple"))
+    for line in report["checks"]:
+        print(f"verified: {line}")
+    if args.no_verify:
+        print("verified: library load skipped (--no-verify)")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
