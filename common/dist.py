@@ -37,8 +37,14 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
     if use_cuda:
         torch.cuda.set_device(device)
     if world_size > 1 and not is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=timedelta(minutes=timeout_minutes))
+        timeout = timedelta(minutes=timeout_minutes)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        # After torchrun restarts the workers (--max-restarts), the store still holds the
+        # dead round's addresses; a fresh key prefix per attempt keeps ranks from reading them.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
+                                store=dist.PrefixStore(f"attempt{attempt}/", store),
+                                rank=rank, world_size=world_size)
     return device
 
 
