@@ -18,11 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,segment]'
 	touch $@
 
-# Fashion-MNIST from Debian's dataset-fashion-mnist where apt-get exists; elsewhere the
-# first run downloads it through torchvision (or set FASHION_MNIST_DIR).
+# Where apt-get exists: Fashion-MNIST from Debian's dataset-fashion-mnist, and the system
+# libraries OpenCV (pulled in by MMSegmentation) loads. Elsewhere the first run downloads
+# Fashion-MNIST through torchvision (or set FASHION_MNIST_DIR).
+DEB_PACKAGES := dataset-fashion-mnist libgl1 libglib2.0-0
 data:
-	@if [ ! -f $(FMNIST) ] && command -v apt-get >/dev/null; then \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; fi
+	@if command -v apt-get >/dev/null && ! dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEB_PACKAGES); fi
 
 demo: setup data
 	$(BIN)/python -m transfer bench --config configs/bench/demo.yaml --output $(OUT)

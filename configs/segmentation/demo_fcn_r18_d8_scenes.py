@@ -1,0 +1,162 @@
+# DEMO, CPU-sized: FCN-D8 on a ResNet-18, on the embedded Fashion-MNIST scenes. Not a benchmark.
+#
+# Scale, honestly: 256 train / 64 val scenes of 128x128 pixels (2-4 Fashion-MNIST test-split items
+# of 28-56 px pasted on a dim gradient; 11 classes: background + the 10 Fashion-MNIST classes;
+# transfer.scenes composes them once and caches them), random 64x64 training crops, batch 8,
+# 300 iterations (about 10 epochs), heads at a quarter of the published width. It exists to run the
+# real MMSegmentation pipeline (dataset reader, FCN training, IoUMetric) end to end on a laptop in
+# minutes; its mIoU says nothing about VOC or Cityscapes. The network layout is the one of
+# fcn_r50_d8_voc12aug_512x512_20k.py (plain ResNet, strides (1,2,1,1), dilations (1,1,2,4)),
+# at depth 18 to match the CPU demo pretraining; for ResNet-50 weights add
+#   --cfg-options model.backbone.depth=50 model.decode_head.in_channels=2048 model.auxiliary_head.in_channels=1024
+#
+# Run:  python -m transfer segment --config configs/segmentation/demo_fcn_r18_d8_scenes.py \
+#           --weights CKPT --output DIR
+
+benchmark = dict(dataset='fmnist-scenes', protocol='demo_fcn_r18_d8_64x64_300it')
+
+# The scenes (transfer.scenes.ensure_demo_scenes arguments); root=None caches them under
+# $MOCO_BENCH_CACHE/scenes or ~/.cache/moco-bench/scenes. transfer segment points data_root there.
+embedded_data = dict(root=None, n_train=256, n_val=64, seed=0, canvas=128)
+
+crop_size = (64, 64)
+num_classes = 11
+max_iters = 300
+norm_cfg = dict(type='SyncBN', requires_grad=True)  # BN when run as one process (transfer segment)
+data_preprocessor = dict(
+    type='SegDataPreProcessor',
+    mean=[123.675, 116.28, 103.53],  # ImageNet RGB mean/std on 0..255 pixels, as MoCo and torchvision
+    std=[58.395, 57.12, 57.375],
+    bgr_to_rgb=True,
+    pad_val=0,
+    seg_pad_val=255,
+    size=crop_size)
+model = dict(
+    type='EncoderDecoder',
+    data_preprocessor=data_preprocessor,
+    pretrained=None,
+    backbone=dict(
+        type='ResNet',  # plain ResNet (V1b): same tensor names as torchvision; never ResNetV1c
+        depth=18,
+        num_stages=4,
+        out_indices=(0, 1, 2, 3),
+        dilations=(1, 1, 2, 4),
+        strides=(1, 2, 1, 1),
+        norm_cfg=norm_cfg,
+        norm_eval=False,
+        style='pytorch',
+        contract_dilation=True,
+        init_cfg=None),  # set by transfer segment: Pretrained(converted --weights, prefix='backbone.')
+    decode_head=dict(
+        type='FCNHead',
+        in_channels=512,  # ResNet-18 layer4
+        in_index=3,
+        channels=128,  # published: 512
+        num_convs=2,
+        concat_input=True,
+        dropout_ratio=0.1,
+        num_classes=num_classes,
+        norm_cfg=norm_cfg,
+        align_corners=False,
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+    auxiliary_head=dict(
+        type='FCNHead',
+        in_channels=256,  # ResNet-18 layer3
+        in_index=2,
+        channels=64,  # published: 256
+        num_convs=1,
+        concat_input=False,
+        dropout_ratio=0.1,
+        num_classes=num_classes,
+        norm_cfg=norm_cfg,
+        align_corners=False,
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
+    train_cfg=dict(),
+    test_cfg=dict(mode='whole'))
+
+# ---- data: mmseg's own BaseSegDataset reads the img_dir/ + ann_dir/ layout unchanged
+dataset_type = 'BaseSegDataset'
+data_root = None  # filled by transfer segment from embedded_data
+metainfo = dict(
+    classes=('background', 'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+             'Sneaker', 'Bag', 'Ankle boot'),
+    palette=[[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128],
+             [0, 128, 128], [128, 128, 128], [64, 0, 0], [192, 0, 0], [64, 128, 0]])
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='RandomResize', scale=(128, 128), ratio_range=(0.75, 1.5), keep_ratio=True),
+    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PhotoMetricDistortion'),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(
+    batch_size=8,
+    num_workers=0,  # tiny PNGs: worker processes would cost more than they save
+    persistent_workers=False,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    dataset=dict(
+        type=dataset_type,
+        metainfo=metainfo,
+        data_root=data_root,
+        img_suffix='.png',
+        seg_map_suffix='.png',
+        reduce_zero_label=False,  # 0 is a real class (background)
+        data_prefix=dict(img_path='img_dir/train', seg_map_path='ann_dir/train'),
+        pipeline=train_pipeline))
+test_dataloader = dict(
+    batch_size=1,
+    num_workers=0,
+    persistent_workers=False,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(
+        type=dataset_type,
+        metainfo=metainfo,
+        data_root=data_root,
+        img_suffix='.png',
+        seg_map_suffix='.png',
+        reduce_zero_label=False,
+        data_prefix=dict(img_path='img_dir/val', seg_map_path='ann_dir/val'),
+        pipeline=test_pipeline))
+test_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])  # reports aAcc, mIoU, mAcc
+# No validation during the run: the one evaluation is the test after the last iteration.
+val_dataloader = None
+val_cfg = None
+val_evaluator = None
+
+# ---- schedule: the published SGD + poly, over the demo's iterations
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0005),
+    clip_grad=None)
+param_scheduler = [dict(type='PolyLR', eta_min=1e-4, power=0.9, begin=0, end=max_iters, by_epoch=False)]
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters)
+test_cfg = dict(type='TestLoop')
+
+# ---- runtime
+default_scope = 'mmseg'
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=20, log_metric_by_epoch=False),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    # No checkpoint files (~100 MB each with the optimizer state): the model is evaluated in memory
+    # right after training. --cfg-options default_hooks.checkpoint.interval=300 keeps one.
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=-1, save_last=False),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+    visualization=dict(type='SegVisualizationHook'))
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    dist_cfg=dict(backend='nccl'))  # gloo when no GPU (transfer segment)
+vis_backends = [dict(type='LocalVisBackend')]
+visualizer = dict(type='SegLocalVisualizer', vis_backends=vis_backends, name='visualizer')
+log_processor = dict(by_epoch=False)
+log_level = 'INFO'
+load_from = None
+resume = False

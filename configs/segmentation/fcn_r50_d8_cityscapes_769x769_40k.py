@@ -1,0 +1,147 @@
+# FCN-D8, ResNet-50, Cityscapes fine annotations (2,975 train / 500 val), 769x769 crops, 40k iterations.
+#
+# The published MMSegmentation setting, written out in full (no _base_): every value below is
+# from mmsegmentation 1.2.2 configs/fcn/fcn_r50-d8_4xb2-40k_cityscapes-769x769.py and its bases
+# _base_/models/fcn_r50-d8.py, _base_/datasets/cityscapes_769x769.py (on cityscapes.py),
+# _base_/schedules/schedule_40k.py, _base_/default_runtime.py -- except the backbone, which is the
+# plain ResNet mmselfsup 0.x uses for MoCo (configs/benchmarks/mmsegmentation/_base_/models/
+# fcn_r50-d8.py): mmseg's default ResNetV1c has a deep stem (stem.*) that torchvision-layout MoCo /
+# supervised weights do not fill, so it would silently stay random. The 769 crop matches the MoCo
+# paper's Cityscapes crop, but its protocol (FCN-16s-style head, 90k iterations, 75.3 mIoU for
+# MoCo v1) is not this one, so numbers are not directly comparable (../shared/NOTES-anchors.md (c)).
+#
+# Run:  torchrun --nproc_per_node 4 -m transfer segment --launcher pytorch \
+#           --config configs/segmentation/fcn_r50_d8_cityscapes_769x769_40k.py --weights CKPT --output DIR \
+#           --data-root data/cityscapes
+# 4 processes x 2 images = batch 8, as published. Data: leftImg8bit/ and gtFine/ with the
+# *_gtFine_labelTrainIds.png maps made by mmseg's tools/dataset_converters/cityscapes.py.
+# `transfer segment` fills backbone.init_cfg with the converted --weights, sets SyncBN/BN from the
+# launcher, and takes mean/std from the checkpoint when it records them.
+
+benchmark = dict(dataset='cityscapes', protocol='fcn_r50_d8_769x769_40k')
+
+crop_size = (769, 769)
+num_classes = 19
+norm_cfg = dict(type='SyncBN', requires_grad=True)  # BN when run as one process (transfer segment)
+data_preprocessor = dict(
+    type='SegDataPreProcessor',
+    mean=[123.675, 116.28, 103.53],  # ImageNet RGB mean/std on 0..255 pixels, as MoCo and torchvision
+    std=[58.395, 57.12, 57.375],
+    bgr_to_rgb=True,  # images are read BGR by OpenCV; MoCo was trained on RGB
+    pad_val=0,
+    seg_pad_val=255,
+    size=crop_size)
+model = dict(
+    type='EncoderDecoder',
+    data_preprocessor=data_preprocessor,
+    pretrained=None,  # must stay None: mmseg asserts against pretrained together with init_cfg
+    backbone=dict(
+        type='ResNet',  # plain ResNet (V1b): same tensor names as torchvision; never ResNetV1c
+        depth=50,
+        num_stages=4,
+        out_indices=(0, 1, 2, 3),
+        dilations=(1, 1, 2, 4),  # D8: layer3/layer4 dilated instead of strided, output stride 8
+        strides=(1, 2, 1, 1),
+        norm_cfg=norm_cfg,
+        norm_eval=False,
+        style='pytorch',  # stride in the 3x3 conv, as torchvision
+        contract_dilation=True,
+        init_cfg=None),  # set by transfer segment: Pretrained(converted --weights, prefix='backbone.')
+    decode_head=dict(
+        type='FCNHead',
+        in_channels=2048,
+        in_index=3,
+        channels=512,
+        num_convs=2,
+        concat_input=True,
+        dropout_ratio=0.1,
+        num_classes=num_classes,
+        norm_cfg=norm_cfg,
+        align_corners=True,  # 769 = 8 * 96 + 1: corner-aligned upsampling
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+    auxiliary_head=dict(
+        type='FCNHead',
+        in_channels=1024,
+        in_index=2,
+        channels=256,
+        num_convs=1,
+        concat_input=False,
+        dropout_ratio=0.1,
+        num_classes=num_classes,
+        norm_cfg=norm_cfg,
+        align_corners=True,
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
+    train_cfg=dict(),
+    test_cfg=dict(mode='slide', crop_size=(769, 769), stride=(513, 513)))  # sliding window on 2049x1025
+
+# ---- data
+dataset_type = 'CityscapesDataset'  # *_leftImg8bit.png images, *_gtFine_labelTrainIds.png labels
+data_root = 'data/cityscapes'
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations'),
+    dict(type='RandomResize', scale=(2049, 1025), ratio_range=(0.5, 2.0), keep_ratio=True),
+    dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=0.75),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PhotoMetricDistortion'),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(2049, 1025), keep_ratio=True),
+    dict(type='LoadAnnotations'),  # after Resize: metrics are computed at the original size
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(
+    batch_size=2,  # per process; published with 4 GPUs (batch 8)
+    num_workers=2,
+    persistent_workers=True,
+    sampler=dict(type='InfiniteSampler', shuffle=True),
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        data_prefix=dict(img_path='leftImg8bit/train', seg_map_path='gtFine/train'),
+        pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=1,
+    num_workers=4,
+    persistent_workers=True,
+    sampler=dict(type='DefaultSampler', shuffle=False),
+    dataset=dict(
+        type=dataset_type,
+        data_root=data_root,
+        data_prefix=dict(img_path='leftImg8bit/val', seg_map_path='gtFine/val'),
+        pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])  # reports aAcc, mIoU, mAcc
+test_evaluator = val_evaluator
+
+# ---- schedule
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0005),
+    clip_grad=None)
+param_scheduler = [dict(type='PolyLR', eta_min=1e-4, power=0.9, begin=0, end=40000, by_epoch=False)]
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=40000, val_interval=4000)
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
+
+# ---- runtime
+default_scope = 'mmseg'
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=4000),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+    visualization=dict(type='SegVisualizationHook'))
+env_cfg = dict(
+    cudnn_benchmark=True,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    dist_cfg=dict(backend='nccl'))  # gloo when no GPU (transfer segment)
+vis_backends = [dict(type='LocalVisBackend')]
+visualizer = dict(type='SegLocalVisualizer', vis_backends=vis_backends, name='visualizer')
+log_processor = dict(by_epoch=False)
+log_level = 'INFO'
+load_from = None  # must stay None: backbone weights come from --weights through init_cfg
+resume = False
