@@ -257,8 +257,9 @@ class Bench:
                           wall_time_s=0.0, metrics={}, status=status, reason=reason)
             self.progress(name, status, 0.0, None)
             return
-        cmd = [*launcher(task.nproc), "transfer", task.task, *task.args, "--weights", str(weights),
-               "--output", str(folder), "--label", row.label]
+        # the task's own arguments last: detect takes trailing KEY VALUE pairs
+        cmd = [*launcher(task.nproc), "transfer", task.task, "--weights", str(weights),
+               "--output", str(folder), "--label", row.label, *task.args]
         ok, reason = self.run_stage(name, folder, {"args": task.args, "files": _files_in(task.args),
                                                    "weights": sha256_file(weights)}, cmd=cmd)
         if not ok:
