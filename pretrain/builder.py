@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchvision
 
 from common import dist
+from pretrain import shuffle
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
@@ -112,20 +113,13 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def _batch_shuffle(self, x: torch.Tensor):
         """Shuffle the global batch so each rank (or BN group) encodes keys from other
-        images than its queries. Returns this rank's slice and how to undo it."""
-        x_all = dist.all_gather_no_grad(x)
-        world, rank = dist.get_world_size(), dist.get_rank()
-        idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
-        dist.broadcast(idx_shuffle, src=0)  # one permutation for all ranks
-        idx_unshuffle = torch.argsort(idx_shuffle)
-        idx_this = idx_shuffle.view(world, -1)[rank]
-        return x_all[idx_this], idx_unshuffle
+        images than its queries. Returns this rank's slice and how to undo it. Across
+        ranks an all_to_all moves only the images each rank encodes (pretrain/shuffle.py)."""
+        return shuffle.shuffle(x)
 
     @torch.no_grad()
-    def _batch_unshuffle(self, x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
-        x_all = dist.all_gather_no_grad(x)
-        world, rank = dist.get_world_size(), dist.get_rank()
-        return x_all[idx_unshuffle.view(world, -1)[rank]]
+    def _batch_unshuffle(self, x: torch.Tensor, plan: shuffle.ShufflePlan) -> torch.Tensor:
+        return shuffle.unshuffle(x, plan)
 
     def contrastive_logits(self, q: torch.Tensor, k: torch.Tensor):
         """Nx(1+K) logits with the positive key at index 0, and the N zero labels."""
@@ -136,7 +130,8 @@ class MoCo(nn.Module):
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         return logits, labels
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor):
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index=None):
+        # index (the images' dataset ids) is for pretrain.dictionary.MemoryBank; unused here
         q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
 
         with torch.no_grad():

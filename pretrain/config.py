@@ -27,6 +27,14 @@ class MocoConfig:
     # BN groups per batch; 0 = auto: 8 on one process (stands in for the per-GPU BN of
     # shuffling BN, as the official Colab demo does), 1 when distributed.
     bn_splits: int = 0
+    # Where the negatives come from (pretrain/dictionary.py, the paper's Fig. 2/3 ablation):
+    # "queue" (MoCo), "end_to_end" (the current global batch, keys with gradients; K is the
+    # batch, queue_size and momentum are unused), "memory_bank" (InstDisc: one feature per
+    # training image, queue_size negatives sampled from it; momentum is unused).
+    dictionary: str = "queue"
+    # memory_bank only: InstDisc's proximal update of an entry, v = norm(m v + (1-m) f)
+    # (InstDisc: 0.5); 0 overwrites the entry with the newest feature.
+    bank_momentum: float = 0.5
 
 
 @dataclass
@@ -59,6 +67,12 @@ class TrainConfig:
     knn_every_epochs: int = 0  # weighted kNN monitor on a labelled split (0 = off)
     knn_max_train: int = 10000  # memory-bank images for the monitor
     knn_max_val: int = 2000
+    # Dictionary consistency probe (pretrain/dictionary.py): every this many steps, encode a
+    # fixed probe set with the key encoder and log the mean cosine to each earlier encoding
+    # still young enough to be in the dictionary, by age (0 = off; it costs one forward of
+    # consistency_images images per probe on every rank; at least one per-rank batch).
+    consistency_every: int = 0
+    consistency_images: int = 256
 
 
 @dataclass
@@ -77,6 +91,8 @@ def method_name(cfg: PretrainConfig) -> str:
     if cfg.method == "supervised":
         return "supervised"
     m, d, t = cfg.moco, cfg.data, cfg.train
+    if m.dictionary != "queue":  # an ablation, not either paper's method
+        return "moco"
     if not m.mlp and d.augmentation == "v1" and m.temperature == 0.07 and t.schedule == "step":
         return "moco_v1"
     if m.mlp and d.augmentation == "v2" and m.temperature == 0.2 and t.schedule == "cos":
@@ -92,7 +108,9 @@ def check(cfg: PretrainConfig, world_size: int) -> None:
     if t.batch_size % world_size:
         raise UserError(f"train.batch_size {t.batch_size} is not divisible by the world size "
                         f"{world_size}; choose a global batch that is")
-    if cfg.method == "moco" and m.queue_size % t.batch_size:
+    if m.dictionary not in ("queue", "end_to_end", "memory_bank"):
+        raise UserError(f"moco.dictionary must be queue, end_to_end or memory_bank, not {m.dictionary!r}")
+    if cfg.method == "moco" and m.dictionary == "queue" and m.queue_size % t.batch_size:
         raise UserError(f"moco.queue_size {m.queue_size} is not divisible by the global batch "
                         f"{t.batch_size}; choose a batch that divides it (e.g. "
                         f"{_divisor_near(m.queue_size, t.batch_size)})")
@@ -106,6 +124,15 @@ def check(cfg: PretrainConfig, world_size: int) -> None:
         raise UserError(f"train.amp must be none, bf16 or fp16, not {t.amp!r}")
     if not 0.0 <= m.momentum < 1.0:
         raise UserError(f"moco.momentum must be in [0, 1), not {m.momentum}")
+    if not 0.0 <= m.bank_momentum < 1.0:
+        raise UserError(f"moco.bank_momentum must be in [0, 1), not {m.bank_momentum}")
+    if m.queue_size < 1 and m.dictionary != "end_to_end":
+        raise UserError(f"moco.queue_size must be at least 1 for moco.dictionary={m.dictionary}")
+    if t.consistency_every < 0:
+        raise UserError(f"train.consistency_every must be >= 0, not {t.consistency_every}")
+    if t.consistency_every and t.consistency_images < t.batch_size // world_size:
+        raise UserError(f"train.consistency_images {t.consistency_images} is fewer than the per-rank "
+                        f"batch {t.batch_size // world_size} the probe encodes at once; raise it")
     splits = bn_splits(cfg, world_size)
     if (t.batch_size // world_size) % splits:
         raise UserError(f"per-rank batch {t.batch_size // world_size} is not divisible by "

@@ -22,9 +22,10 @@ from common.config import save_config, to_dict
 from common.data import build_dataset
 from common.errors import UserError
 from common.fileio import atomic_torch_save, tensor_digest
-from pretrain.builder import MoCo, Supervised, backbone
+from pretrain.builder import Supervised, backbone
 from pretrain.config import PretrainConfig, bn_splits, check, method_name
 from pretrain.data import EpochSampler, TwoCrops, eval_transform, moco_augmentation
+from pretrain.dictionary import ConsistencyProbe, build_contrastive, key_encoder, max_key_age
 
 CHECKPOINT_FORMAT = "moco-bench.pretrain/1"
 LAST = "checkpoint_last.pth"
@@ -183,7 +184,10 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
     if supervised:
         model = Supervised(cfg.model.arch, len(images.classes))
     else:
-        model = MoCo(cfg.model.arch, m.dim, m.queue_size, m.momentum, m.temperature, m.mlp, splits)
+        if m.dictionary == "memory_bank" and m.queue_size > len(images):
+            raise UserError(f"moco.queue_size {m.queue_size} is more negatives than the memory bank's "
+                            f"{len(images)} images; lower moco.queue_size")
+        model = build_contrastive(cfg, len(images), splits)
     query_encoder = model.encoder if supervised else model.encoder_q  # the one that learns
     if m.bn == "sync":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -224,7 +228,8 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
             print(f"supervised baseline: {cfg.model.arch}, {len(images.classes)} classes, "
                   f"aug {d.augmentation}", flush=True)
         else:
-            print(f"MoCo ({method_name(cfg)}): {cfg.model.arch}, K={m.queue_size}, m={m.momentum}, "
+            print(f"MoCo ({method_name(cfg)}): {cfg.model.arch}, dictionary {m.dictionary}, "
+                  f"K={t.batch_size if m.dictionary == 'end_to_end' else m.queue_size}, m={m.momentum}, "
                   f"T={m.temperature}, {'MLP' if m.mlp else 'linear'} head, aug {d.augmentation}, "
                   f"BN: {m.bn} ({splits} group(s) per rank)", flush=True)
         print(f"batch: world size {world} x {per_rank} per rank = global {t.batch_size}; "
@@ -241,6 +246,12 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
                dynamic_ncols=True, file=sys.stdout,
                mininterval=0.1 if sys.stdout.isatty() else 10.0)  # logs get a line per 10 s
     last_finite_loss = None
+    probe = None
+    if t.consistency_every and not supervised:
+        probe_set = build_dataset(d.source, "train", eval_transform(d.image_size, d.mean, d.std),
+                                  t.consistency_images, seed=t.seed + 1)
+        probe = ConsistencyProbe(torch.stack([probe_set[i][0] for i in range(len(probe_set))]),
+                                 max_key_age(cfg, steps_per_epoch), t.batch_size // world)
 
     for epoch in range(start_epoch, t.epochs):
         if step >= total_steps:
@@ -256,7 +267,7 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
                             # RNG, which the batch shuffle uses and resume restores
                             generator=torch.Generator().manual_seed(t.seed + epoch))
         tic, done_here = time.perf_counter(), 0
-        for im_q, im_k, targets, _ in loader:
+        for im_q, im_k, targets, index in loader:
             im_q = im_q.to(device, non_blocking=True)
             im_k = im_k.to(device, non_blocking=True)
             if t.channels_last:
@@ -266,7 +277,7 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
                 if supervised:
                     logits, labels = ddp(im_q), targets.to(device)
                 else:
-                    logits, labels = ddp(im_q, im_k)
+                    logits, labels = ddp(im_q, im_k, index.to(device))
                 loss = criterion(logits.float(), labels)
             if not torch.isfinite(loss):
                 # Stop before the optimizer writes non-finite weights; the last checkpoint is good.
@@ -293,6 +304,12 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
                           "images_per_sec": round(images_per_sec, 2)}
                 if main:
                     log.write(json.dumps(record) + "\n")
+                    log.flush()
+            if probe is not None and step % t.consistency_every == 0:
+                by_age = probe(key_encoder(model), step)
+                if main:
+                    log.write(json.dumps({"epoch": epoch, "step": step, "consistency": {
+                        str(age): round(cos, 5) for age, cos in by_age.items()}}) + "\n")
                     log.flush()
             bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_per_sec:.0f}", epoch=epoch)
             bar.update(1)

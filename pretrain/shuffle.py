@@ -1,0 +1,106 @@
+"""Shuffling BN's batch shuffle: send each key image to the rank that encodes it.
+
+Rank 0 draws one permutation of the global batch (world x n images); rank r
+encodes the images at positions idx_shuffle[r*n:(r+1)*n], then every key goes
+back to the rank that owns its image. The official code does both moves with
+all_gather, so every rank receives all world x n images and keeps n of them.
+`shuffle`/`unshuffle` do the same moves with one all_to_all_single each: a rank
+receives only the n images it encodes (1/world of the all_gather bytes) and the
+results are identical. `gather_shuffle`/`gather_unshuffle` are the official
+all_gather form, kept as the reference for tests and benchmarks.
+
+At world size 1 the shuffle is a local permutation (it still matters when the
+batch is split into BN groups, see SplitBatchNorm).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+from common import dist
+
+
+@dataclass
+class ShufflePlan:
+    """What `unshuffle` needs: the global permutation and this rank's exchange sizes."""
+    idx_shuffle: torch.Tensor  # world*n global positions, rank r encodes [r*n:(r+1)*n]
+    send_index: torch.Tensor  # local rows this rank sent, grouped by destination rank
+    send_counts: list[int]  # rows sent to each rank
+    recv_order: torch.Tensor  # where each received row goes in this rank's shuffled batch
+    recv_counts: list[int]  # rows received from each rank
+
+
+def _permutation(n_global: int, device) -> torch.Tensor:
+    # Drawn on every rank (so every rank's RNG advances alike), then rank 0's wins.
+    idx = torch.randperm(n_global, device=device)
+    return dist.broadcast(idx, src=0)
+
+
+def _exchange(x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    torch_dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts)
+    return out
+
+
+@torch.no_grad()
+def shuffle(x: torch.Tensor):
+    """This rank's n images of the shuffled global batch, and the plan to undo it.
+    Every rank must pass the same number of images."""
+    world, rank, n = dist.get_world_size(), dist.get_rank(), x.shape[0]
+    idx_shuffle = _permutation(world * n, x.device)
+    if world == 1:
+        return x[idx_shuffle], ShufflePlan(idx_shuffle, idx_shuffle, [n], idx_shuffle, [n])
+    owner = idx_shuffle // n  # the rank that holds each global image
+    encoder = torch.arange(world, device=x.device).repeat_interleave(n)  # who encodes position i
+    # To each rank r, in r's order, the images of mine it encodes.
+    mine = owner == rank
+    send_index = idx_shuffle[mine] - rank * n  # ordered by position, hence grouped by encoder
+    send_counts = torch.bincount(encoder[mine], minlength=world).tolist()
+    # From each rank s, in my order, the images of s I encode; they arrive grouped by s.
+    wanted = owner[rank * n:(rank + 1) * n]
+    recv_order = torch.argsort(wanted, stable=True)
+    recv_counts = torch.bincount(wanted, minlength=world).tolist()
+    received = _exchange(x[send_index], send_counts, recv_counts)
+    out = torch.empty_like(x)  # n rows too, and keeps x's memory format (channels_last)
+    out[recv_order] = received
+    return out, ShufflePlan(idx_shuffle, send_index, send_counts, recv_order, recv_counts)
+
+
+@torch.no_grad()
+def unshuffle(x: torch.Tensor, plan: ShufflePlan) -> torch.Tensor:
+    """Rows of the shuffled batch (e.g. keys) back to the rank and order of their images."""
+    if dist.get_world_size() == 1:
+        return x[torch.argsort(plan.idx_shuffle)]
+    # The shuffle's exchange run backwards: what I received goes back to its sender.
+    back = _exchange(x[plan.recv_order], plan.recv_counts, plan.send_counts)
+    out = torch.empty_like(x)
+    out[plan.send_index] = back
+    return out
+
+
+@torch.no_grad()
+def gather_shuffle(x: torch.Tensor):
+    """The official all_gather shuffle (moco/builder.py `_batch_shuffle_ddp`), same permutation."""
+    x_all = dist.all_gather_no_grad(x)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    idx_shuffle = _permutation(x_all.shape[0], x.device)
+    return x_all[idx_shuffle.view(world, -1)[rank]], torch.argsort(idx_shuffle)
+
+
+@torch.no_grad()
+def gather_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+    x_all = dist.all_gather_no_grad(x)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return x_all[idx_unshuffle.view(world, -1)[rank]]
+
+
+def bytes_received(n: int, row_bytes: int, world: int, idx_shuffle: torch.Tensor | None = None) -> dict:
+    """Bytes one rank receives from other ranks per shuffle (n images of row_bytes each):
+    all_gather gets every other rank's n; all_to_all gets only the images it encodes that
+    live elsewhere, (world-1)/world of n on average, exactly counted for a given permutation."""
+    gather = (world - 1) * n * row_bytes
+    if idx_shuffle is None:
+        a2a = (world - 1) * n * row_bytes / world
+    else:  # rank 0's view
+        a2a = int((idx_shuffle[:n] // n != 0).sum()) * row_bytes
+    return {"all_gather": gather, "all_to_all": a2a}

@@ -1,0 +1,90 @@
+"""Each speed option keeps the MoCo loss of the plain fp32 run: channels_last, bf16
+autocast, the all_to_all shuffle (on two gloo processes) and the foreach momentum
+update. Two training steps each, so the options also see updated weights and queue."""
+import os
+import socket
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from pretrain import shuffle
+from pretrain.builder import MoCo
+
+STEPS = 2
+
+
+def losses(channels_last=False, bf16=False, momentum_loop=False, gather_shuffle=False,
+           bn_splits=2, seed=0):
+    torch.manual_seed(0)
+    model = MoCo("resnet18", dim=16, K=48, m=0.9, T=0.2, mlp=True, bn_splits=bn_splits)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    if momentum_loop:  # the official per-parameter loop
+        def loop():
+            with torch.no_grad():
+                for pk, pq in zip(model.encoder_k.parameters(), model.encoder_q.parameters()):
+                    pk.data = pk.data * model.m + pq.data * (1.0 - model.m)
+        model._momentum_update_key_encoder = loop
+    if gather_shuffle:
+        model._batch_shuffle, model._batch_unshuffle = shuffle.gather_shuffle, shuffle.gather_unshuffle
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.01, momentum=0.9)
+    data = torch.Generator().manual_seed(seed)
+    out = []
+    torch.manual_seed(1)  # the batch shuffle's permutations
+    for _ in range(STEPS):
+        im_q, im_k = (torch.randn(8, 3, 32, 32, generator=data).contiguous(memory_format=fmt)
+                      for _ in range(2))
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+            logits, labels = model(im_q, im_k)
+            loss = F.cross_entropy(logits.float(), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return torch.tensor(out)
+
+
+# fp32 options change only the order of float operations; BN over groups of 4 images
+# amplifies those last-bit differences to ~1e-5 of the loss by the second step.
+FP32_RTOL = 3e-4
+
+
+def test_channels_last_keeps_the_loss():
+    torch.testing.assert_close(losses(channels_last=True), losses(), rtol=FP32_RTOL, atol=0)
+
+
+def test_bf16_autocast_keeps_the_loss_to_bf16_precision():
+    # bf16 keeps 8 bits of mantissa: through 18 layers the loss moves by 1-2%
+    torch.testing.assert_close(losses(bf16=True), losses(), rtol=5e-2, atol=0)
+
+
+def test_foreach_momentum_update_keeps_the_loss():
+    # m*k + (1-m)*q rounds differently from foreach's k*m + q*(1-m) in the last bit
+    torch.testing.assert_close(losses(momentum_loop=True), losses(), rtol=FP32_RTOL, atol=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, tmp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    # no DDP: the shuffle is what differs; each rank's loss is over its own images
+    result = {"all_to_all": losses(bn_splits=1, seed=rank),
+              "all_gather": losses(bn_splits=1, seed=rank, gather_shuffle=True)}
+    torch.save(result, f"{tmp}/rank{rank}.pt")
+    torch_dist.destroy_process_group()
+
+
+def test_all_to_all_shuffle_keeps_the_loss_on_two_processes(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(r["all_to_all"], r["all_gather"]), r

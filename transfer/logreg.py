@@ -1,0 +1,199 @@
+"""Multinomial logistic regression on cached features, with the L2 strength
+chosen on a held-out part of the training split and then refit on all of it.
+
+Objective (both solvers): mean cross-entropy + l2/2 * ||W||^2 on standardised
+features (bias not penalised). scikit-learn's C is 1 / (l2 * n). Two solvers:
+
+- ``sklearn``: LogisticRegression(lbfgs); exact and well tested, but holds a
+  float64 copy of the features, fine up to ~10^7 feature values.
+- ``torch``: full-batch L-BFGS whose loss/gradient stream over row chunks, so
+  the feature matrix stays where it is (CPU RAM, float16 allowed, or the GPU
+  when it fits). ImageNet's 1.28M x 2048 costs one matmul pass per evaluation.
+"""
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.errors import UserError
+from common.knn import topk_accuracy
+
+SOLVERS = ("auto", "sklearn", "torch")
+_ROWS_PER_CHUNK = 65536
+
+
+class Standardizer:
+    """Per-dimension mean/std of the training features, computed in chunks (float64)."""
+
+    def __init__(self, x: torch.Tensor):
+        s = torch.zeros(x.shape[1], dtype=torch.float64)
+        ss = torch.zeros_like(s)
+        for start in range(0, len(x), _ROWS_PER_CHUNK):
+            c = x[start:start + _ROWS_PER_CHUNK].to(torch.float64)
+            s += c.sum(0)
+            ss += (c * c).sum(0)
+        n = max(len(x), 1)
+        self.mean = (s / n).float()
+        # Constant (e.g. dead-ReLU) dimensions get std 1 so they stay 0, not NaN.
+        std = (ss / n - (s / n) ** 2).clamp_min(0).sqrt().float()
+        self.std = torch.where(std > 1e-6, std, torch.ones_like(std))
+
+    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
+        return (chunk.float() - self.mean.to(chunk.device)) / self.std.to(chunk.device)
+
+
+class LinearClassifier:
+    """scores(x) = standardize(x) @ W + b, whichever solver found W, b."""
+
+    def __init__(self, standardizer: Standardizer, weight: torch.Tensor, bias: torch.Tensor):
+        self.standardizer, self.weight, self.bias = standardizer, weight.cpu(), bias.cpu()
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor, device="cpu") -> torch.Tensor:
+        w, b = self.weight.to(device), self.bias.to(device)
+        out = [(self.standardizer(x[s:s + _ROWS_PER_CHUNK].to(device)) @ w + b).cpu()
+               for s in range(0, len(x), _ROWS_PER_CHUNK)]
+        return torch.cat(out) if out else torch.empty(0, len(b))
+
+
+def _fit_sklearn(z: np.ndarray, y: np.ndarray, num_classes: int, l2: float, max_iter: int,
+                 tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    clf = LogisticRegression(C=1.0 / (l2 * len(z)), max_iter=max_iter, tol=tol)
+    # One BLAS thread: matrices this small gain nothing from more, and on a shared
+    # CPU spinning BLAS threads made each fit 5-20x slower (measured, 2 cores).
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
+        # Not converging to tol within max_iter is normal for weak L2; the held-out
+        # accuracy is what counts, and it is reported.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(z, y)
+    weight = torch.zeros(z.shape[1], num_classes)
+    bias = torch.zeros(num_classes)
+    coef, icpt = torch.from_numpy(clf.coef_).float(), torch.from_numpy(clf.intercept_).float()
+    if len(clf.classes_) == 2 and coef.shape[0] == 1:
+        # Binary problems come back as one logit; spread it to the two classes.
+        coef, icpt = torch.cat([-coef / 2, coef / 2]), torch.cat([-icpt / 2, icpt / 2])
+    cls = torch.from_numpy(clf.classes_).long()
+    weight[:, cls] = coef.T
+    bias[cls] = icpt
+    # Classes absent from this training split can never be predicted.
+    missing = torch.ones(num_classes, dtype=torch.bool)
+    missing[cls] = False
+    bias[missing] = -1e9
+    return weight, bias
+
+
+def _fit_torch(x: torch.Tensor, y: torch.Tensor, std: Standardizer, num_classes: int, l2: float,
+               max_iter: int, tol: float, device, init=None, desc="L-BFGS"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    n, d = x.shape
+    weight = torch.zeros(d, num_classes, device=device)
+    bias = torch.zeros(num_classes, device=device)
+    if init is not None:
+        weight.copy_(init[0]), bias.copy_(init[1])
+    weight.requires_grad_(True), bias.requires_grad_(True)
+    y = y.to(device)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=tol, tolerance_change=1e-10,
+                            line_search_fn="strong_wolfe")
+    bar = tqdm(total=max_iter, desc=desc, leave=False, dynamic_ncols=True)
+
+    def closure():
+        opt.zero_grad()
+        total = 0.0
+        for s in range(0, n, _ROWS_PER_CHUNK):
+            z = std(x[s:s + _ROWS_PER_CHUNK].to(device, non_blocking=True))
+            loss = F.cross_entropy(z @ weight + bias, y[s:s + len(z)], reduction="sum") / n
+            loss.backward()
+            total += loss.item()
+        reg = 0.5 * l2 * (weight * weight).sum()
+        reg.backward()
+        bar.update(1)
+        bar.set_postfix(loss=f"{total + reg.item():.4f}")
+        return torch.tensor(total + reg.item())
+
+    opt.step(closure)
+    bar.close()
+    return weight.detach(), bias.detach()
+
+
+def _device_copy(x: torch.Tensor, device) -> torch.Tensor:
+    """Move the features to the GPU once when they fit in half its free memory;
+    otherwise leave them in RAM and stream chunks every evaluation."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return x
+    free, _ = torch.cuda.mem_get_info(device)
+    return x.to(device) if x.numel() * x.element_size() < free // 2 else x
+
+
+def choose_solver(solver: str, x: torch.Tensor, sklearn_max_elements: int) -> str:
+    if solver not in SOLVERS:
+        raise UserError(f"fast.solver={solver!r} is not one of {', '.join(SOLVERS)}")
+    if solver == "auto":
+        return "sklearn" if x.numel() <= sklearn_max_elements else "torch"
+    return solver
+
+
+def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, solver: str,
+        max_iter: int = 1000, tol: float = 1e-4, device="cpu", init=None,
+        desc: str = "fit") -> LinearClassifier:
+    """One multinomial logistic regression with L2 strength `l2` (solver 'sklearn' or 'torch')."""
+    std = Standardizer(x)
+    if solver == "sklearn":
+        z = std(x).double().numpy()
+        w, b = _fit_sklearn(z, y.numpy(), num_classes, l2, max_iter, tol)
+    else:
+        w, b = _fit_torch(_device_copy(x, device), y, std, num_classes, l2, max_iter, tol,
+                          device, init=init, desc=desc)
+    return LinearClassifier(std, w, b)
+
+
+def select_and_fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2_grid: list[float],
+                   holdout_fraction: float, solver: str, max_iter: int = 1000, tol: float = 1e-4,
+                   device="cpu", seed: int = 0, log=print) -> tuple[LinearClassifier, dict]:
+    """Pick l2 by top-1 on a random held-out part of (x, y), refit on all of (x, y).
+
+    Returns the classifier and a record of the search (chosen l2, held-out
+    top-1 per l2, solver, sizes, time) for results.json."""
+    if not l2_grid or any(v <= 0 for v in l2_grid):
+        raise UserError(f"fast.l2_grid must list positive L2 strengths, got {l2_grid}")
+    if not 0 < holdout_fraction < 1:
+        raise UserError(f"fast.holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    n = len(x)
+    if n < 2:
+        raise UserError(f"the linear probe needs at least 2 training images, got {n}")
+    t0 = time.time()
+    grid = sorted(set(float(v) for v in l2_grid), reverse=True)  # strong to weak: warm starts
+    record = {"solver": solver, "l2_grid": grid, "holdout_fraction": holdout_fraction}
+    if len(grid) > 1:
+        perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+        n_hold = min(max(1, round(holdout_fraction * n)), n - 1)
+        hold, fit_idx = perm[:n_hold].sort().values, perm[n_hold:].sort().values
+        x_fit, y_fit, x_hold, y_hold = x[fit_idx], y[fit_idx], x[hold], y[hold]
+        holdout_top1, init = {}, None
+        for l2 in grid:
+            clf = fit(x_fit, y_fit, num_classes, l2, solver, max_iter, tol, device, init,
+                      desc=f"l2={l2:g}")
+            init = (clf.weight.to(device), clf.bias.to(device)) if solver == "torch" else None
+            holdout_top1[l2] = topk_accuracy(clf.scores(x_hold, device), y_hold, ks=(1,))[1]
+            log(f"  l2={l2:g}: held-out top-1 {holdout_top1[l2]:.2f} "
+                f"({len(x_fit)} fit / {len(x_hold)} held out)")
+        # Ties go to the stronger regularisation (grid order is strong to weak).
+        best = max(grid, key=lambda v: (holdout_top1[v], -grid.index(v)))
+        record.update(holdout_images=len(x_hold),
+                      holdout_top1={f"{k:g}": v for k, v in holdout_top1.items()})
+    else:
+        best = grid[0]
+    log(f"  chosen l2={best:g}; refitting on all {n} training images ({solver})")
+    clf = fit(x, y, num_classes, best, solver, max_iter, tol, device, desc=f"refit l2={best:g}")
+    record.update(l2=best, sklearn_C=1.0 / (best * n), fit_time_s=round(time.time() - t0, 3))
+    if not (torch.isfinite(clf.weight).all() and torch.isfinite(clf.bias).all()):
+        raise RuntimeError("logistic regression diverged (non-finite weights)")
+    return clf, record
