@@ -1,8 +1,8 @@
 """transfer linear / knn on real Fashion-MNIST subsets with ResNet-18 at 32 px.
 
 A backbone with signal is made honestly and cheaply here: ResNet-18 trained
-supervised for a few dozen steps on Fashion-MNIST train images (the probes are
-scored on the test split, which it never saw), saved as a torchvision state dict.
+supervised for 50 steps on Fashion-MNIST train images (the probes are scored on
+the test split, which it never saw), saved as a pretrain-format checkpoint.
 """
 import glob
 import json
@@ -55,7 +55,7 @@ def signal_weights(tmp_path_factory) -> Path:
     model = torchvision.models.resnet18(num_classes=10)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
-    for step in range(50):
+    for _ in range(50):
         idx = torch.randint(0, len(images), (64,))
         loss = torch.nn.functional.cross_entropy(model(images[idx]), labels[idx])
         opt.zero_grad()
@@ -151,6 +151,24 @@ def test_torch_solver_agrees_with_sklearn(runs):
         clf = logreg.fit(train["features"], train["labels"], 10, l2=1e-2, solver=solver, max_iter=200)
         acc[solver] = topk_accuracy(clf.scores(val["features"]), val["labels"], ks=(1,))[1]
     assert abs(acc["sklearn"] - acc["torch"]) <= 1.0, acc
+    clf, record = logreg.select_and_fit(train["features"], train["labels"], 10, [1e-3, 1e-1], 0.2,
+                                        "torch", max_iter=100, select_max_images=300,
+                                        log=lambda m: None)
+    assert record["search_images"] == 300 and record["holdout_images"] == 160
+    top1 = topk_accuracy(clf.scores(val["features"]), val["labels"], ks=(1,))[1]
+    assert abs(top1 - acc["sklearn"]) <= 3.0, (top1, acc)
+
+
+def test_torch_solver_streams_row_chunks_like_one_batch():
+    """More rows than one chunk (65536): the streamed loss/gradient equals sklearn's fit."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 8, generator=g)
+    y = torch.randint(0, 3, (140_000,), generator=g)
+    x = (centers[y] + 1.5 * torch.randn(len(y), 8, generator=g)).half()  # float16 cache dtype
+    a = logreg.fit(x, y, 3, 1e-3, "sklearn", max_iter=200)
+    b = logreg.fit(x, y, 3, 1e-3, "torch", max_iter=200)
+    agree = (a.scores(x).argmax(1) == b.scores(x).argmax(1)).float().mean().item()
+    assert agree > 0.995, agree
 
 
 def test_paper_protocol_trains_only_fc_and_keeps_backbone_bit_identical(signal_weights, tmp_path):
@@ -253,18 +271,54 @@ def test_cli_bad_inputs_give_one_line_and_exit_2(case, signal_weights, tmp_path)
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def _torchrun(*args):
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "transfer", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_torchrun_two_processes_match_one(tmp_path):
     """Sharded extraction + gather (gloo) gives the features one process gets."""
     common = ["--weights", "random", "--arch", "resnet18", *PROBE, "data.max_train_images=300",
               "data.max_val_images=100", f"features.cache_dir={tmp_path / 'cache'}"]
-    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "transfer", "knn", "--output", str(tmp_path / "two"), *common],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _torchrun("knn", "--output", str(tmp_path / "two"), *common)
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["config"]["derived"]["world_size"] == 2
     cfg = load_config(LinearConfig, None, common[4:] + ["model.arch=resnet18", "features.cache=false"])
     one = run("knn", cfg, "random", tmp_path / "one")
     assert abs(two["metrics"]["knn_top1"] - one["metrics"]["knn_top1"]) <= 1.0
+
+
+def test_torchrun_paper_protocol_splits_the_batch(tmp_path):
+    """DDP over the fc (gloo), global batch split over 2 processes, sanity check on rank 0."""
+    proc = _torchrun("linear", "--protocol", "paper", "--weights", "random", "--arch", "resnet18",
+                     "--output", str(tmp_path / "out"), f"data.default_image_size={SIZE}",
+                     "data.max_train_images=96", "data.max_val_images=50",
+                     "data.num_workers=0", "paper.epochs=1", "paper.batch_size=48", "paper.lr=0.1")
+    rec = read_results(tmp_path / "out" / "results.json")
+    derived = rec["config"]["derived"]
+    assert derived["world_size"] == 2 and derived["per_process_batch"] == 24
+    assert derived["sanity_check"] == "passed"
+    assert "(global batch 48 = 2 x 24)" in proc.stdout
+    assert proc.stdout.count("sanity check passed") == 1  # only rank 0 logs
+
+
+def test_protocol_benchmark_runs_side_by_side(tmp_path):
+    """benchmarks/linear_protocols.py at toy scale: every run reported, JSON written."""
+    from benchmarks.linear_protocols import compare
+
+    overrides = [f"data.default_image_size={SIZE}", "data.max_train_images=96",
+                 "data.max_val_images=48", "data.num_workers=0", "fast.l2_grid=[0.01]",
+                 "paper.epochs=1", "paper.batch_size=48", "paper.lr=0.1"]
+    summary = compare("random", tmp_path, None, overrides, arch="resnet18")
+    assert [r["run"] for r in summary["rows"]] == ["fast (cold cache)", "fast (warm cache)",
+                                                   "knn", "paper"]
+    cold, warm = (read_results(r["results"])["config"]["derived"]["feature_cache"]
+                  for r in summary["rows"][:2])
+    assert cold == {"train": "miss", "val": "miss"} and warm == {"train": "hit", "val": "hit"}
+    saved = json.loads((tmp_path / "linear_protocols.json").read_text())
+    assert saved["speedup_fast_cold"] == summary["rows"][0]["paper_time_over_this"]
+    assert saved["scale"]["max_train_images"] == 96 and saved["paper_epochs"] == 1

@@ -74,6 +74,7 @@ class FastConfig:
     # L2 strengths (of the mean loss, on standardised features) tried on the held-out part.
     l2_grid: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
     holdout_fraction: float = 0.2  # of the training split, for choosing l2; then refit on all
+    select_max_images: int = 0  # fit the l2 search on at most this many of the rest (0 = all)
     max_iter: int = 1000  # L-BFGS iterations per fit
     tol: float = 1e-4
 
@@ -259,7 +260,8 @@ def _fast(cfg, xtr, ytr, xva, yva, num_classes, device):
     _log(f"logistic regression ({solver}) on {tuple(xtr.shape)} features, "
          f"l2 grid {f.l2_grid} chosen on {f.holdout_fraction:.0%} held out")
     clf, record = logreg.select_and_fit(xtr, ytr, num_classes, f.l2_grid, f.holdout_fraction,
-                                        solver, f.max_iter, f.tol, device, cfg.seed, log=_log)
+                                        solver, f.max_iter, f.tol, device, cfg.seed,
+                                        f.select_max_images, log=_log)
     acc = topk_accuracy(clf.scores(xva, device), yva)
     metrics = {"top1": acc[1]}
     if 5 in acc:
