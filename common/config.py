@@ -7,6 +7,7 @@ A YAML file may name one ``_base_`` file (relative to itself) whose values it
 overrides; no deeper inheritance, so a config can always be read in two files.
 Unknown keys and badly typed values are refused in one line.
 """
+import copy
 import dataclasses
 import difflib
 import types
@@ -83,29 +84,37 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
+def merge(base: dict, over: dict) -> dict:
+    """A deep copy of `base` with `over` merged in, section by section."""
+    out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
-def read_yaml(path) -> dict:
+def read_mapping(path, hint: str = "") -> dict:
+    """The YAML mapping in `path`, or one line saying why it is not one."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
+        raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config{hint}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    data = read_mapping(path)
     base = data.pop("_base_", None)
     if base:
         base_data = read_yaml(path.parent / base)
         if "_base_" in base_data:
             raise UserError(f"{path}: its _base_ {base} has a _base_ itself; one level only")
-        data = _merge(base_data, data)
+        data = merge(base_data, data)
     return data
 
 
@@ -129,7 +138,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 def load_config(cls, path=None, overrides: list[str] | None = None):
     data = read_yaml(path) if path else {}
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
 
 

@@ -51,10 +51,14 @@ def eval_transform(size: int, mean, std):
 
 
 class TwoCrops(Dataset):
-    """(query view, key view, label, index) of an ImageDataset, seeded per image."""
+    """(query view, key view, label, index) of an ImageDataset, seeded per image.
 
-    def __init__(self, images, transform, seed: int):
+    With `key_view=False` (supervised training, the memory bank: nothing encodes a key
+    view) the query view is returned in both places instead of augmenting twice."""
+
+    def __init__(self, images, transform, seed: int, key_view: bool = True):
         self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0
+        self.key_view = key_view
 
     def __len__(self):
         return len(self.images)
@@ -64,7 +68,8 @@ class TwoCrops(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
             random.seed(index)  # PIL-level ops never use `random`, but be safe
-            q, k = self.transform(image), self.transform(image)
+            q = self.transform(image)
+            k = self.transform(image) if self.key_view else q
         return q, k, self.images.samples[index].label, index
 
 

@@ -70,7 +70,7 @@ class MemoryBank(nn.Module):
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor = None, index: torch.Tensor = None):
         # InstDisc encodes one view: the positive is the image's stored feature, so the
-        # key view is not needed (the data still returns it; it is not encoded).
+        # key view is not needed (TwoCrops repeats the query view rather than augmenting one).
         q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
         negatives = torch.randint(self.bank.shape[0], (self.K,), device=q.device)
         dist.broadcast(negatives, src=0)  # the same negatives on every rank (rank 0's RNG is saved)

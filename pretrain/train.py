@@ -174,7 +174,8 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
     if len(images) < t.batch_size:
         raise UserError(f"{len(images)} training images is fewer than one global batch of "
                         f"{t.batch_size}; lower train.batch_size or add data")
-    dataset = TwoCrops(images, moco_augmentation(d.augmentation, d.image_size, d.mean, d.std), t.seed)
+    dataset = TwoCrops(images, moco_augmentation(d.augmentation, d.image_size, d.mean, d.std), t.seed,
+                       key_view=cfg.method == "moco" and m.dictionary != "memory_bank")
     steps_per_epoch = len(images) // t.batch_size
     total_steps = steps_per_epoch * t.epochs if t.max_steps <= 0 else min(
         t.max_steps, steps_per_epoch * t.epochs)

@@ -2,7 +2,6 @@
 autocast, the all_to_all shuffle (on two gloo processes) and the foreach momentum
 update. Two training steps each, so the options also see updated weights and queue."""
 import os
-import socket
 from contextlib import nullcontext
 
 import torch
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 
 from pretrain import shuffle
 from pretrain.builder import MoCo
+from test_pretrain import free_port
 
 STEPS = 2
 
@@ -66,11 +66,6 @@ def test_foreach_momentum_update_keeps_the_loss():
     torch.testing.assert_close(losses(momentum_loop=True), losses(), rtol=FP32_RTOL, atol=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank, world, port, tmp):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -84,7 +79,7 @@ def _worker(rank, world, port, tmp):
 
 
 def test_all_to_all_shuffle_keeps_the_loss_on_two_processes(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(r["all_to_all"], r["all_gather"]), r

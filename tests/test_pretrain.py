@@ -247,3 +247,17 @@ def test_supervised_baseline_trains_the_same_encoder_with_labels(tmp_path):
     assert ckpt["method"] == "supervised" and ckpt["backbone_prefix"] == "encoder."
     assert ckpt["state_dict"]["encoder.fc.weight"].shape == (10, 512)
     assert not any(k.startswith("encoder_k.") or k == "queue" for k in ckpt["state_dict"])
+
+
+def test_two_crops_are_seeded_per_image_and_skip_the_unused_key_view():
+    from common.data import build_dataset
+    from pretrain.data import TwoCrops, moco_augmentation
+
+    images = build_dataset("fashion-mnist", "train", max_images=4)
+    aug = moco_augmentation("v2", 32, [0.5] * 3, [0.5] * 3)
+    both, query_only = TwoCrops(images, aug, seed=3), TwoCrops(images, aug, seed=3, key_view=False)
+    q, k, _, _ = both[1]
+    q1, k1, _, _ = query_only[1]
+    assert not torch.equal(q, k)  # two different augmentations
+    assert torch.equal(q1, q) and k1 is q1  # same query view, no second augmentation
+    assert torch.equal(both[1][0], q)  # a function of (seed, epoch, index) alone

@@ -1,7 +1,6 @@
 """The all_to_all batch shuffle against the official all_gather one, on two real gloo
 processes: the same slices, the same unshuffled keys, and shuffle/unshuffle is the identity."""
 import os
-import socket
 
 import torch
 import torch.distributed as torch_dist
@@ -9,12 +8,8 @@ import torch.multiprocessing as mp
 
 from pretrain import shuffle
 from pretrain.builder import MoCo
+from test_pretrain import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, tmp):

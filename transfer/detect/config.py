@@ -14,11 +14,9 @@ $DETECTRON2_DATASETS or ./datasets, as in Detectron2) and ``DATASETS.SCENES`` (t
 size of the embedded Fashion-MNIST scene set behind the ``scenes_*`` names).
 """
 import ast
-import copy
 from pathlib import Path
 
-import yaml
-
+from common.config import merge, read_mapping
 from common.errors import UserError
 
 # Ours: present in both engines' configs.
@@ -133,15 +131,8 @@ DEFAULTS = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def defaults() -> dict:
-    return _merge(DEFAULTS, EXTRA)
+    return merge(DEFAULTS, EXTRA)
 
 
 def decode(value):
@@ -161,19 +152,11 @@ def decode(value):
 def read_yaml_with_base(path) -> dict:
     """Read a Detectron2 YAML file, merging its ``_BASE_`` (relative to the file) underneath."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config "
-                        f"(the shipped ones are in configs/detection/)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping at the top level")
+    data = read_mapping(path, hint=" (the shipped ones are in configs/detection/)")
     base = data.pop("_BASE_", None)
     data = decode(data)
     if base:
-        data = _merge(read_yaml_with_base(path.parent / base), data)
+        data = merge(read_yaml_with_base(path.parent / base), data)
     return data
 
 
@@ -227,9 +210,9 @@ def load(path, opts: list[str] | None = None) -> dict:
     """Read `path` (+ KEY VALUE `opts`) into a plain nested dict with every default filled,
     refusing keys the torchvision engine does not implement."""
     data = read_yaml_with_base(path)
-    cfg = _merge(defaults(), _check_keys(data, defaults(), "", str(path)))
+    cfg = merge(defaults(), _check_keys(data, defaults(), "", str(path)))
     over = opts_to_dict(list(opts or []))
-    return _merge(cfg, _check_keys(over, defaults(), "", "override"))
+    return merge(cfg, _check_keys(over, defaults(), "", "override"))
 
 
 def get(cfg: dict, dotted: str):
