@@ -6,13 +6,16 @@ demo data) or by a folder in the ImageNet layout (``ROOT/train/<class>/*.jpg``,
 ``REGISTRY``; nothing downstream changes.
 """
 import gzip
+import multiprocessing
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from common.errors import UserError
 
@@ -83,15 +86,32 @@ class Sample:
     array: np.ndarray | None = None
 
 
+# Slots of ImageDataset's shared status array: [unreadable count, then (pid, index) per worker].
+_MAX_TRACKED_WORKERS = 64
+
+
 class ImageDataset(Dataset):
     """Labelled RGB images, decoded lazily; `transform` gets a PIL image.
 
     ``__getitem__`` returns ``(transform(image), label, index)``: the index lets
     per-image state (memory banks, per-sample seeds) follow the image.
+
+    An unreadable file is skipped and counted (the next readable image stands in for
+    it, a warning names the file once) until more than `max_unreadable` distinct files
+    have been skipped by this process and its loader workers (under torchrun: per rank);
+    then the run stops with one line. The default 0 stops at the first: evaluation must
+    not silently drop images.
     """
 
-    def __init__(self, name: str, samples: list[Sample], classes: list[str], transform=None):
+    def __init__(self, name: str, samples: list[Sample], classes: list[str], transform=None,
+                 max_unreadable: int = 0):
         self.name, self.samples, self.classes, self.transform = name, samples, classes, transform
+        self.max_unreadable = max_unreadable
+        # Shared with the DataLoader workers (created before them, inherited by them): which
+        # files were found unreadable, their count, and which sample each worker is loading,
+        # so that a worker that dies can be reported with the sample it died on (`iterate`).
+        self.unreadable_flags = multiprocessing.RawArray("b", len(samples))
+        self.status = multiprocessing.RawArray("q", 1 + 2 * _MAX_TRACKED_WORKERS)
 
     @property
     def targets(self) -> list[int]:
@@ -100,20 +120,42 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load_image(self, index: int) -> Image.Image:
+    def _decode(self, index: int) -> Image.Image:
         s = self.samples[index]
         if s.array is not None:
             return Image.fromarray(s.array).convert("RGB")
-        try:
-            with Image.open(s.path) as im:
-                return im.convert("RGB")
-        except Exception as e:
-            raise UserError(
-                f"cannot read image {s.path} ({type(e).__name__}: {e}); remove or replace the file"
-            ) from None
+        with Image.open(s.path) as im:
+            return im.convert("RGB")
+
+    def load_image(self, index: int) -> tuple[Image.Image, int]:
+        """(image, index of the image actually returned): `index`, or the next readable
+        one when `index` is skipped as unreadable."""
+        worker = get_worker_info()
+        if worker is not None and worker.id < _MAX_TRACKED_WORKERS:
+            self.status[1 + 2 * worker.id], self.status[2 + 2 * worker.id] = os.getpid(), index
+        for i in range(index, index + len(self)):
+            i %= len(self)
+            if self.unreadable_flags[i]:
+                continue
+            try:
+                return self._decode(i), i
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+                self.unreadable_flags[i] = 1
+                self.status[0] += 1  # workers may race on this count: off by one at worst
+                reason = f"{type(e).__name__}: {e}"
+                if self.status[0] > self.max_unreadable:
+                    raise UserError(
+                        f"cannot read image {self.samples[i].path} ({reason}); {self.status[0]} "
+                        f"unreadable file(s), more than the limit of {self.max_unreadable} "
+                        "(data.max_unreadable): remove or replace them, or raise the limit"
+                    ) from None
+                print(f"warning: skipped unreadable image {self.samples[i].path} ({reason}); "
+                      f"{self.status[0]} of at most {self.max_unreadable} skipped",
+                      file=sys.stderr, flush=True)
+        raise UserError(f"no readable image in {self.name}")  # unreachable with a limit < len
 
     def __getitem__(self, index: int):
-        image = self.load_image(index)
+        image, index = self.load_image(index)
         if self.transform is not None:
             image = self.transform(image)
         return image, self.samples[index].label, index
@@ -123,7 +165,33 @@ class ImageDataset(Dataset):
         if max_images <= 0 or max_images >= len(self):
             return self
         keep = np.sort(np.random.default_rng(seed).permutation(len(self))[:max_images])
-        return ImageDataset(self.name, [self.samples[i] for i in keep], self.classes, self.transform)
+        return ImageDataset(self.name, [self.samples[i] for i in keep], self.classes, self.transform,
+                            self.max_unreadable)
+
+
+def iterate(loader):
+    """Iterate a DataLoader over an ImageDataset (or a wrapper holding one as `.images`);
+    a worker that dies (killed, out of memory, a crash in native decoding code) surfaces
+    as one line naming the worker and the sample it was loading, instead of a traceback."""
+    try:
+        yield from loader
+    except RuntimeError as e:
+        pids = re.search(r"DataLoader worker \(pids?\(?s?\)? ([\d, ]+)\)", str(e))
+        if not pids:
+            raise
+        images = getattr(loader.dataset, "images", loader.dataset)
+        status = getattr(images, "status", None)
+        dead = [int(p) for p in pids.group(1).replace(" ", "").split(",") if p]
+        what = []
+        for w in range(min(loader.num_workers, _MAX_TRACKED_WORKERS)):
+            if status is not None and status[1 + 2 * w] in dead:
+                index = status[2 + 2 * w]
+                sample = images.samples[index]
+                where = sample.path or f"{images.name} image {index}"
+                what.append(f"worker {w} (pid {status[1 + 2 * w]}) while loading sample {index} ({where})")
+        what = "; ".join(what) or f"worker pid(s) {', '.join(map(str, dead))}"
+        raise UserError(f"a data loader worker died ({str(e).splitlines()[0].rstrip('. ')}): {what}; "
+                        "check that file, or lower data.num_workers if memory ran out") from None
 
 
 def _fashion_mnist_dataset(split: str) -> ImageDataset:
@@ -157,8 +225,9 @@ REGISTRY = {"fashion-mnist": _fashion_mnist_dataset}
 
 
 def build_dataset(source: str, split: str, transform=None, max_images: int = 0,
-                  seed: int = 0) -> ImageDataset:
-    """A registered data set by name, or an ImageNet-layout folder by path."""
+                  seed: int = 0, max_unreadable: int = 0) -> ImageDataset:
+    """A registered data set by name, or an ImageNet-layout folder by path; up to
+    `max_unreadable` unreadable files are skipped (see ImageDataset)."""
     if source in REGISTRY:
         ds = REGISTRY[source](split)
     else:
@@ -170,5 +239,5 @@ def build_dataset(source: str, split: str, transform=None, max_images: int = 0,
             )
         ds = _image_folder(root, split)
     ds = ds.subset(max_images, seed)
-    ds.transform = transform
+    ds.transform, ds.max_unreadable = transform, max_unreadable
     return ds

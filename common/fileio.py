@@ -2,8 +2,11 @@
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+from common.errors import UserError
 
 
 def atomic_write(path, write_fn) -> None:
@@ -24,6 +27,25 @@ def atomic_write(path, write_fn) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def ensure_room(folder, need_bytes: int, what: str) -> None:
+    """Refuse to start a long stage whose output cannot be written: a file must really
+    be creatable in `folder` (os.access misses read-only mounts and full quotas) and
+    `need_bytes` must be free."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"\0")
+            f.flush()
+    except OSError as e:
+        raise UserError(f"cannot write {what} in {folder} ({e.strerror or e}); "
+                        "choose another output folder") from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise UserError(f"only {free / 2**20:.0f} MiB free in {folder} but {what} need about "
+                        f"{need_bytes / 2**20:.0f} MiB; free disk space or choose another output folder")
 
 
 def atomic_torch_save(obj, path) -> None:

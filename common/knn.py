@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.data import iterate
 from common.errors import UserError
 
 # Similarity rows of this many elements are computed at a time (test chunk x
@@ -96,8 +97,9 @@ def extract_features(model: torch.nn.Module, loader, device, desc: str = "featur
     chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
     filled = 0
     try:
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False,
-                          dynamic_ncols=True):
+        total = len(loader) if hasattr(loader, "__len__") else None
+        for batch in tqdm(iterate(loader), total=total, desc=desc, disable=not progress,
+                          leave=False, dynamic_ncols=True):
             images, target = batch[0], batch[1]
             out = model(images.to(device, non_blocking=True))
             out = out.flatten(1).to("cpu", dtype)

@@ -42,8 +42,14 @@ class DataConfig:
     source: str = "fashion-mnist"  # a registered name or an ImageNet-layout folder (uses train/)
     augmentation: str = "v2"  # v1: the MoCo v1 augmentation; v2: "aug+" (adds blur, stronger jitter)
     image_size: int = 224  # crop size
+    # RandomResizedCrop's area range (both papers: 0.2-1). Small objects on an empty
+    # background (Fashion-MNIST) may need a larger minimum: a 20% crop can be all background.
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     max_images: int = 0  # use a random subset of this many images (0 = all)
     num_workers: int = 4  # data loader workers per rank
+    # Unreadable image files skipped (each named in a warning) before a rank stops: a few
+    # broken JPEGs should not end a week-long run, a broken copy of the data set should.
+    max_unreadable: int = 100
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet RGB
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
@@ -116,6 +122,8 @@ def check(cfg: PretrainConfig, world_size: int) -> None:
                         f"{_divisor_near(m.queue_size, t.batch_size)})")
     if m.bn not in ("shuffle", "sync", "none"):
         raise UserError(f"moco.bn must be shuffle, sync or none, not {m.bn!r}")
+    if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+        raise UserError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, not {d.crop_scale}")
     if d.augmentation not in ("v1", "v2"):
         raise UserError(f"data.augmentation must be v1 or v2, not {d.augmentation!r}")
     if t.schedule not in ("cos", "step"):
@@ -128,6 +136,8 @@ def check(cfg: PretrainConfig, world_size: int) -> None:
         raise UserError(f"moco.bank_momentum must be in [0, 1), not {m.bank_momentum}")
     if m.queue_size < 1 and m.dictionary != "end_to_end":
         raise UserError(f"moco.queue_size must be at least 1 for moco.dictionary={m.dictionary}")
+    if d.max_unreadable < 0:
+        raise UserError(f"data.max_unreadable must be >= 0, not {d.max_unreadable}")
     if t.consistency_every < 0:
         raise UserError(f"train.consistency_every must be >= 0, not {t.consistency_every}")
     if t.consistency_every and t.consistency_images < t.batch_size // world_size:

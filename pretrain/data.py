@@ -23,12 +23,12 @@ class GaussianBlur:
         return image.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
-def moco_augmentation(version: str, size: int, mean, std):
+def moco_augmentation(version: str, size: int, mean, std, crop_scale=(0.2, 1.0)):
     """The official pipelines (main_moco.py L326-350), at any crop size."""
     normalize = T.Normalize(mean=mean, std=std)
     if version == "v2":  # "aug+", as in SimCLR
         ops = [
-            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            T.RandomResizedCrop(size, scale=tuple(crop_scale)),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
             T.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
@@ -36,7 +36,7 @@ def moco_augmentation(version: str, size: int, mean, std):
         ]
     else:  # v1, as in InstDisc
         ops = [
-            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            T.RandomResizedCrop(size, scale=tuple(crop_scale)),
             T.RandomGrayscale(p=0.2),
             T.ColorJitter(0.4, 0.4, 0.4, 0.4),
             T.RandomHorizontalFlip(),
@@ -64,7 +64,7 @@ class TwoCrops(Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        image = self.images.load_image(index)
+        image, index = self.images.load_image(index)  # another index if the file was skipped
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
             random.seed(index)  # PIL-level ops never use `random`, but be safe

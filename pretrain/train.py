@@ -6,7 +6,6 @@ optimizer, grad scaler, epoch, step and RNG state.
 """
 import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -19,9 +18,9 @@ from tqdm import tqdm
 
 from common import dist
 from common.config import save_config, to_dict
-from common.data import build_dataset
+from common.data import build_dataset, iterate
 from common.errors import UserError
-from common.fileio import atomic_torch_save, tensor_digest
+from common.fileio import atomic_torch_save, ensure_room, tensor_digest
 from pretrain.builder import Supervised, backbone
 from pretrain.config import PretrainConfig, bn_splits, check, method_name
 from pretrain.data import EpochSampler, TwoCrops, eval_transform, moco_augmentation
@@ -114,14 +113,9 @@ def find_resume(out: Path):
 def check_disk_space(out: Path, model: nn.Module, optimizer) -> None:
     """Refuse to start a run whose checkpoints cannot be written: a checkpoint holds the
     model, the optimizer's buffers, and while being replaced exists twice."""
-    import shutil
-
     n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     n_bytes += sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
-    free = shutil.disk_usage(out).free
-    if free < 2 * n_bytes:
-        raise UserError(f"only {free / 2**20:.0f} MiB free in {out} but checkpoints need about "
-                        f"{2 * n_bytes / 2**20:.0f} MiB; free disk space or choose another --output")
+    ensure_room(out, 2 * n_bytes, "checkpoints")
 
 
 def _git_sha():
@@ -164,17 +158,17 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
     out = Path(output_dir)
     main = dist.is_main_process()
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise UserError(f"output folder {out} is not writable; choose another --output")
+        ensure_room(out, 0, "the run's files")  # the size check follows once the model exists
         save_config(cfg, out / "config.yaml")
 
     torch.manual_seed(t.seed)
-    images = build_dataset(d.source, "train", max_images=d.max_images, seed=t.seed)
+    images = build_dataset(d.source, "train", max_images=d.max_images, seed=t.seed,
+                           max_unreadable=d.max_unreadable)
     if len(images) < t.batch_size:
         raise UserError(f"{len(images)} training images is fewer than one global batch of "
                         f"{t.batch_size}; lower train.batch_size or add data")
-    dataset = TwoCrops(images, moco_augmentation(d.augmentation, d.image_size, d.mean, d.std), t.seed,
+    augmentation = moco_augmentation(d.augmentation, d.image_size, d.mean, d.std, d.crop_scale)
+    dataset = TwoCrops(images, augmentation, t.seed,
                        key_view=cfg.method == "moco" and m.dictionary != "memory_bank")
     steps_per_epoch = len(images) // t.batch_size
     total_steps = steps_per_epoch * t.epochs if t.max_steps <= 0 else min(
@@ -227,11 +221,12 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
         per_rank = t.batch_size // world
         if supervised:
             print(f"supervised baseline: {cfg.model.arch}, {len(images.classes)} classes, "
-                  f"aug {d.augmentation}", flush=True)
+                  f"aug {d.augmentation} (crop area {d.crop_scale[0]:g}-{d.crop_scale[1]:g})", flush=True)
         else:
             print(f"MoCo ({method_name(cfg)}): {cfg.model.arch}, dictionary {m.dictionary}, "
                   f"K={t.batch_size if m.dictionary == 'end_to_end' else m.queue_size}, m={m.momentum}, "
-                  f"T={m.temperature}, {'MLP' if m.mlp else 'linear'} head, aug {d.augmentation}, "
+                  f"T={m.temperature}, {'MLP' if m.mlp else 'linear'} head, aug {d.augmentation} "
+                  f"(crop area {d.crop_scale[0]:g}-{d.crop_scale[1]:g}), "
                   f"BN: {m.bn} ({splits} group(s) per rank)", flush=True)
         print(f"batch: world size {world} x {per_rank} per rank = global {t.batch_size}; "
               f"lr {t.lr} x {t.batch_size}/256 = {lr0:g} ({t.schedule}); device {device.type}", flush=True)
@@ -268,7 +263,7 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
                             # RNG, which the batch shuffle uses and resume restores
                             generator=torch.Generator().manual_seed(t.seed + epoch))
         tic, done_here = time.perf_counter(), 0
-        for im_q, im_k, targets, index in loader:
+        for im_q, im_k, targets, index in iterate(loader):
             im_q = im_q.to(device, non_blocking=True)
             im_k = im_k.to(device, non_blocking=True)
             if t.channels_last:

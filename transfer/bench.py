@@ -19,6 +19,7 @@ A failed stage is reported and written as a "failed" row; stages that depend on
 it are marked so and the others still run.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -31,8 +32,11 @@ from pathlib import Path
 
 from common.config import load_config, read_yaml
 from common.errors import UserError, cli, one_line
-from common.fileio import atomic_json, sha256_file
+from common.fileio import atomic_json, ensure_room, sha256_file
 from transfer.results import weights_record, write_results
+
+# Free space a stage needs at least (logs, results, a feature cache of the demo's size).
+STAGE_MIN_FREE = 256 * 2**20
 
 # torchvision's ImageNet-1k ResNet-50 weights, by file name as torch.hub caches them.
 IMAGENET_RESNET50_FILES = {
@@ -146,10 +150,9 @@ class Bench:
         self.summary.append((name, status, _fmt(seconds)))
 
     def run_stage(self, name: str, folder: Path, key_parts: dict, cmd: list[str] | None = None,
-                  fn=None) -> tuple[bool, str]:
-        """Run `cmd` (a subprocess, output to folder/stage.log) or `fn` unless cached.
-        Returns (ok, reason)."""
-        folder.mkdir(parents=True, exist_ok=True)
+                  fn=None, need_bytes: int = STAGE_MIN_FREE) -> tuple[bool, str]:
+        """Run `cmd` (a subprocess, output to folder/stage.log) or `fn` unless cached,
+        after checking that `need_bytes` can be written to `folder`. Returns (ok, reason)."""
         record_path = folder / "stage.json"
         key = _hash(key_parts)
         previous = json.loads(record_path.read_text()) if record_path.exists() else {}
@@ -159,6 +162,7 @@ class Bench:
         tic = time.perf_counter()
         reason = ""
         try:
+            ensure_room(folder, need_bytes, f"the {name} stage's outputs")
             if cmd is not None:
                 with open(folder / "stage.log", "w") as log:
                     log.write("$ " + " ".join(cmd) + "\n")
@@ -175,8 +179,9 @@ class Bench:
             reason = one_line(str(e))
         seconds = time.perf_counter() - tic
         ok = not reason
-        atomic_json({"key": key, "status": "done" if ok else "failed", "reason": reason,
-                     "seconds": round(seconds, 1), "parts": key_parts}, record_path)
+        with contextlib.suppress(OSError):  # an unwritable folder: the reason is printed below
+            atomic_json({"key": key, "status": "done" if ok else "failed", "reason": reason,
+                         "seconds": round(seconds, 1), "parts": key_parts}, record_path)
         self.ran += 1
         self.ran_seconds += seconds
         self.progress(name, "done" if ok else "FAILED", seconds, previous.get("seconds"))
@@ -241,7 +246,8 @@ class Bench:
             f"{self.python} -m converters {fmt} '{weights}' '{folder / targets[fmt]}'"
             for fmt in self.cfg.formats)]
         ok, reason = self.run_stage(name, folder, {"weights": sha256_file(weights),
-                                                   "formats": self.cfg.formats}, cmd=cmd)
+                                                   "formats": self.cfg.formats}, cmd=cmd,
+                                    need_bytes=len(self.cfg.formats) * weights.stat().st_size)
         if not ok:
             self.problem[row.label] = ("failed", f"conversion failed: {reason}")
 
@@ -261,12 +267,15 @@ class Bench:
         cmd = [*launcher(task.nproc), "transfer", task.task, "--weights", str(weights),
                "--output", str(folder), "--label", row.label, *task.args]
         ok, reason = self.run_stage(name, folder, {"args": task.args, "files": _files_in(task.args),
-                                                   "weights": sha256_file(weights)}, cmd=cmd)
+                                                   "weights": sha256_file(weights)}, cmd=cmd,
+                                    # fine-tuned checkpoints with optimizer state, logs, features
+                                    need_bytes=STAGE_MIN_FREE + 4 * weights.stat().st_size)
         if not ok:
-            write_results(folder, task=task.task, dataset={"name": "", "splits": {}},
-                          weights=weights_record(weights, row.label), engine="", protocol="",
-                          config={"args": task.args}, seed=0, wall_time_s=0.0, metrics={},
-                          status="failed", reason=reason)
+            with contextlib.suppress(OSError):  # the folder may be what failed
+                write_results(folder, task=task.task, dataset={"name": "", "splits": {}},
+                              weights=weights_record(weights, row.label), engine="", protocol="",
+                              config={"args": task.args}, seed=0, wall_time_s=0.0, metrics={},
+                              status="failed", reason=reason)
 
     def report(self) -> str:
         from transfer.report import report
@@ -287,8 +296,11 @@ class Bench:
             for row in self.rows_of(task):
                 self.task(task, row)
         tic = time.perf_counter()
-        text = self.report()
-        self.progress("report", "done", time.perf_counter() - tic, None)
+        try:
+            text, status = self.report(), "done"
+        except UserError as e:  # e.g. no stage could write its results
+            text, status = f"no report: {one_line(str(e))}", "FAILED"
+        self.progress("report", status, time.perf_counter() - tic, None)
         print(f"\nbench finished in {_fmt(time.perf_counter() - self.start)}; "
               f"tables in {self.out / 'report' / 'report.md'}\n", flush=True)
         print(text, flush=True)

@@ -5,6 +5,7 @@
     nan_loss:N           the N-th loss is NaN
     disk_free:BYTES      the disk reports only BYTES free
     enospc_save:N        the N-th checkpoint write fails with "No space left on device"
+    kill_worker:N        a data loader worker SIGKILLs itself at its N-th image decode
 
 Faults are injected by patching library calls from outside, so the product code
 has no test hooks.
@@ -67,6 +68,18 @@ elif kind == "enospc_save":
         return save(obj, f, *a, **k)
 
     torch.save = failing_save
+elif kind == "kill_worker":
+    from PIL import Image
+    from torch.utils.data import get_worker_info
+
+    convert = Image.Image.convert
+
+    def killing_convert(self, *a, **k):
+        if get_worker_info() is not None and nth(int(args[0])):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return convert(self, *a, **k)
+
+    Image.Image.convert = killing_convert
 else:
     sys.exit(f"unknown FAULT {kind}")
 
