@@ -227,6 +227,14 @@ def test_unknown_override_is_one_line(tmp_path):
     _one_line_error(run_pretrain(tmp_path / "o", "train.epoch=3"), "did you mean train.epochs")
 
 
+def test_overrides_take_exponent_floats_and_lists():
+    from common.config import load_config
+    from pretrain.config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, DEMO, ["train.weight_decay=5e-4", "data.crop_scale=[0.5,1]"])
+    assert cfg.train.weight_decay == 5e-4 and cfg.data.crop_scale == [0.5, 1.0]
+
+
 def test_supervised_baseline_trains_the_same_encoder_with_labels(tmp_path):
     result = run_pretrain(tmp_path, "method=supervised", "train.max_steps=2")
     assert result.returncode == 0, result.stderr[-2000:]
