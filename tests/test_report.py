@@ -342,3 +342,18 @@ def test_torchvision_engine_on_a_paper_config_gets_a_caveat(tmp_path):
                for n in t["notes"])
     (d2,) = rp.build_tables(rp.load_results([GOOD / "detect_voc"]))
     assert not any("different protocol" in n for n in d2["notes"])
+
+
+def test_a_row_that_never_ran_joins_its_tasks_table(tmp_path):
+    """The bench writes a missing row without a data set (it never ran); the report shows
+    it in that task's table rather than in a table of its own."""
+    ran = dict(task="knn", dataset={"name": "fashion-mnist", "splits": {"train": 100, "val": 50}},
+               weights={"path": None, "sha256": None, "label": "random init"}, engine="torch",
+               protocol="knn", config={}, seed=0, wall_time_s=1.0, metrics={"knn_top1": 61.5})
+    write_results(tmp_path / "knn/random-init", **ran)
+    write_results(tmp_path / "knn/in1k", **{**ran, "dataset": {"name": "", "splits": {}},
+                  "weights": {"path": None, "sha256": None, "label": "supervised IN-1k"},
+                  "metrics": {}, "status": "missing", "reason": "place the file"})
+    tables = rp.build_tables(rp.load_results([tmp_path]))
+    assert len(tables) == 1 and tables[0]["dataset"] == "fashion-mnist"
+    assert {r["label"] for r in tables[0]["rows"]} == {"random init", "supervised IN-1k"}
