@@ -357,3 +357,4 @@ def test_a_row_that_never_ran_joins_its_tasks_table(tmp_path):
     tables = rp.build_tables(rp.load_results([tmp_path]))
     assert len(tables) == 1 and tables[0]["dataset"] == "fashion-mnist"
     assert {r["label"] for r in tables[0]["rows"]} == {"random init", "supervised IN-1k"}
+    assert not tables[0]["mixed_settings"]  # the row that never ran has no engine of its own

@@ -297,10 +297,13 @@ def build_tables(records, baseline: str | None = None, digits: int = 1, paper: b
         groups.setdefault((r["task"], r["dataset"]["name"]), []).append(r)
     # A row that never ran (missing weights, a failed earlier stage) has no data set: it
     # belongs in each of its task's tables, not in a table of its own.
+    # It takes the table's engine/protocol when all its runs share one.
     for task, ds in [k for k in groups if not k[1]]:
         named = [k for k in groups if k[0] == task and k[1]]
         for key in named:
-            groups[key] += groups[(task, ds)]
+            ran = {(r["engine"], r["protocol"]) for r in groups[key]}
+            setting = dict(zip(("engine", "protocol"), ran.pop())) if len(ran) == 1 else {}
+            groups[key] += [{**r, **setting} for r in groups[(task, ds)]]
         if named:
             del groups[(task, ds)]
     order = sorted(groups, key=lambda k: (TASK_ORDER.index(k[0]) if k[0] in TASK_ORDER else 99, k))
