@@ -22,6 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from common import dist
+from common.data import iterate
 from common.errors import UserError
 from common.fileio import atomic_torch_save
 from transfer.features import _ContiguousShard, feature_dim
@@ -58,8 +59,8 @@ def evaluate(model: nn.Module, loader, device, num_classes: int) -> dict[str, fl
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64)  # images, top-1 hits, top-5 hits
     k5 = min(5, num_classes)
-    for images, target, _ in tqdm(loader, desc="val", leave=False, dynamic_ncols=True,
-                                  disable=not dist.is_main_process()):
+    for images, target, _ in tqdm(iterate(loader), total=len(loader), desc="val", leave=False,
+                                  dynamic_ncols=True, disable=not dist.is_main_process()):
         target = target.to(device)
         top = model(images.to(device, non_blocking=True)).topk(k5, dim=1).indices
         hit = top == target[:, None]
@@ -144,7 +145,7 @@ def train_linear_paper(cfg, backbone, pre, train_ds, val_ds, device, output, log
         for group in optimizer.param_groups:
             group["lr"] = lr_at(lr, epoch, p.lr_steps)
         net.eval()  # frozen BN: main_lincls trains in eval mode
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{p.epochs}", leave=False,
+        bar = tqdm(iterate(train_loader), total=len(train_loader), desc=f"epoch {epoch + 1}/{p.epochs}", leave=False,
                    dynamic_ncols=True, disable=not dist.is_main_process())
         total_loss, seen = 0.0, 0
         for images, target, _ in bar:
