@@ -136,8 +136,10 @@ def write_summary(out: Path, rows: list[dict]) -> None:
 
     cols = ["run", "dictionary", "K", "m", "batch", "steps", "final_loss", "knn_top1",
             "consistency_oldest", "oldest_age"]
+    # m as given (0.9999 must not print as 1.000)
+    floatfmt = ["", "", "", "g", "", "", ".3f", ".2f", ".3f", ""]
     table = tabulate([[r[c] for c in cols] for r in rows], headers=cols, tablefmt="github",
-                     floatfmt=".3f", missingval="-")
+                     floatfmt=floatfmt, missingval="-")
     (out / "sweep.md").write_text(table + "\n")
     atomic_json([{c: r[c] for c in cols} for r in rows], out / "sweep.json")
     print(table)
