@@ -131,22 +131,38 @@ class Bench:
         self.python = sys.executable
         self.weights: dict[str, Path | None] = {}  # row label -> weights file (None: unavailable)
         self.problem: dict[str, tuple[str, str]] = {}  # row label -> (status, reason)
-        self.stages_total = (len(cfg.pretrainings) * 2 + 1
-                             + sum(len(self.rows_of(t)) for t in cfg.tasks))
-        self.done, self.ran_seconds, self.ran, self.start = 0, 0.0, 0, time.perf_counter()
+        # Every stage in run order, so the ETA can price each remaining one by its kind.
+        self.plan = ([f"pretrain/{slug(p.label)}" for p in cfg.pretrainings]
+                     + [f"convert/{slug(p.label)}" for p in cfg.pretrainings]
+                     + [f"{t.name}/{slug(p.label)}" for t in cfg.tasks for p in self.rows_of(t)]
+                     + ["report"])
+        self.stages_total = len(self.plan)
+        self.done, self.start = 0, time.perf_counter()
+        self.timed: dict[str, list[float]] = {}  # stage kind -> seconds of stages that ran
         self.summary: list[tuple[str, str, str]] = []
 
     def rows_of(self, task: Task) -> list[Pretraining]:
         return [p for p in self.cfg.pretrainings if not task.rows or p.label in task.rows]
 
     # ---------------------------------------------------------------- one stage
-    def progress(self, name: str, status: str, seconds: float, expected: float | None) -> None:
+    def progress(self, name: str, status: str, seconds: float) -> None:
+        """One line per stage. The ETA prices each remaining stage at the mean time of the
+        stages of its kind (pretrain, convert, a task) that ran to completion; kinds not yet
+        timed are counted, not guessed (a pretraining is not what a kNN costs)."""
         self.done += 1
-        remaining = self.stages_total - self.done
-        per_stage = expected or (self.ran_seconds / self.ran if self.ran else 0.0)
+        if status == "done":
+            self.timed.setdefault(name.split("/")[0], []).append(seconds)
+        eta, untimed = 0.0, 0
+        for stage in self.plan[self.done:]:
+            times = self.timed.get(stage.split("/")[0])
+            if times:
+                eta += sum(times) / len(times)
+            else:
+                untimed += 1
+        eta_text = f"ETA ~{_fmt(eta)}" + (f" + {untimed} stage(s) not yet timed" if untimed else "")
         elapsed = time.perf_counter() - self.start
         print(f"[{self.done:2d}/{self.stages_total}] {name:40s} {status:8s} {_fmt(seconds):>6s}"
-              f"   elapsed {_fmt(elapsed)}, ETA ~{_fmt(per_stage * remaining)}", flush=True)
+              f"   elapsed {_fmt(elapsed)}, {eta_text}", flush=True)
         self.summary.append((name, status, _fmt(seconds)))
 
     def run_stage(self, name: str, folder: Path, key_parts: dict, cmd: list[str] | None = None,
@@ -157,7 +173,7 @@ class Bench:
         key = _hash(key_parts)
         previous = json.loads(record_path.read_text()) if record_path.exists() else {}
         if previous.get("key") == key and previous.get("status") == "done":
-            self.progress(name, "cached", 0.0, None)
+            self.progress(name, "cached", 0.0)
             return True, ""
         tic = time.perf_counter()
         reason = ""
@@ -182,9 +198,7 @@ class Bench:
         with contextlib.suppress(OSError):  # an unwritable folder: the reason is printed below
             atomic_json({"key": key, "status": "done" if ok else "failed", "reason": reason,
                          "seconds": round(seconds, 1), "parts": key_parts}, record_path)
-        self.ran += 1
-        self.ran_seconds += seconds
-        self.progress(name, "done" if ok else "FAILED", seconds, previous.get("seconds"))
+        self.progress(name, "done" if ok else "FAILED", seconds)
         if not ok:
             print(f"      {name}: {reason}", flush=True)
         return ok, reason
@@ -239,7 +253,7 @@ class Bench:
         folder = self.out / "convert" / slug(row.label)
         weights = self.weights.get(row.label)
         if weights is None:
-            self.progress(name, "skipped", 0.0, None)
+            self.progress(name, "skipped", 0.0)
             return
         targets = {"torchvision": "torchvision.pth", "detectron2": "detectron2.pkl", "mmseg": "mmseg.pth"}
         cmd = ["sh", "-c", " && ".join(
@@ -261,7 +275,7 @@ class Bench:
                           weights={"path": None, "sha256": None, "label": row.label},
                           engine="", protocol="", config={"args": task.args}, seed=0,
                           wall_time_s=0.0, metrics={}, status=status, reason=reason)
-            self.progress(name, status, 0.0, None)
+            self.progress(name, status, 0.0)
             return
         # the task's own arguments last: detect takes trailing KEY VALUE pairs
         cmd = [*launcher(task.nproc), "transfer", task.task, "--weights", str(weights),
@@ -300,7 +314,7 @@ class Bench:
             text, status = self.report(), "done"
         except UserError as e:  # e.g. no stage could write its results
             text, status = f"no report: {one_line(str(e))}", "FAILED"
-        self.progress("report", status, time.perf_counter() - tic, None)
+        self.progress("report", status, time.perf_counter() - tic)
         print(f"\nbench finished in {_fmt(time.perf_counter() - self.start)}; "
               f"tables in {self.out / 'report' / 'report.md'}\n", flush=True)
         print(text, flush=True)
