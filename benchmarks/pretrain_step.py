@@ -21,9 +21,8 @@ def run(full: bool = False) -> list[dict]:
     # are the single-process emulation (SplitBatchNorm), whose smaller reductions cost extra.
     moco_one_group = MoCo(arch, 128, K, 0.999, 0.2, mlp=True, bn_splits=1).to(device)
     supervised = build_encoder(arch, 10, mlp=False).to(device)
-    opt_m = torch.optim.SGD(moco.encoder_q.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
-    opt_s = torch.optim.SGD(supervised.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
-    opt_1 = torch.optim.SGD(moco_one_group.encoder_q.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
+    sgd = lambda params: torch.optim.SGD(params, 0.03, momentum=0.9, weight_decay=1e-4)  # noqa: E731
+    opt_s = sgd(supervised.parameters())
     im_q, im_k = (torch.randn(batch, 3, size, size, device=device) for _ in range(2))
     labels = torch.randint(0, 10, (batch,), device=device)
     ce = nn.CrossEntropyLoss()
@@ -32,19 +31,16 @@ def run(full: bool = False) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def moco_step():
-        logits, target = moco(im_q, im_k)
-        opt_m.zero_grad()
-        ce(logits, target).backward()
-        opt_m.step()
-        sync()
+    def moco_step_of(model):
+        optimizer = sgd(model.encoder_q.parameters())
 
-    def moco_one_group_step():
-        logits, target = moco_one_group(im_q, im_k)
-        opt_1.zero_grad()
-        ce(logits, target).backward()
-        opt_1.step()
-        sync()
+        def step():
+            logits, target = model(im_q, im_k)
+            optimizer.zero_grad()
+            ce(logits, target).backward()
+            optimizer.step()
+            sync()
+        return step
 
     def supervised_step():
         opt_s.zero_grad()
@@ -62,7 +58,7 @@ def run(full: bool = False) -> list[dict]:
                 pk.data = pk.data * moco.m + pq.data * (1.0 - moco.m)
         sync()
 
-    t = interleaved({"moco": moco_step, "moco_one_group": moco_one_group_step,
+    t = interleaved({"moco": moco_step_of(moco), "moco_one_group": moco_step_of(moco_one_group),
                      "supervised": supervised_step}, repeats=repeats)
     parts = interleaved({"momentum_foreach": lambda: (moco._momentum_update_key_encoder(), sync()),
                          "momentum_loop": momentum_loop,
