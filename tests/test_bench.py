@@ -39,10 +39,10 @@ def write_bench(tmp_path, knn_config) -> Path:
     return path
 
 
-def run_bench(config, out, torch_home):
+def run_bench(config, out, torch_home, *overrides):
     env = {**os.environ, "TORCH_HOME": str(torch_home), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "transfer", "bench", "--config", str(config),
-                             "--output", str(out)], capture_output=True, text=True, cwd=ROOT,
+                             "--output", str(out), *overrides], capture_output=True, text=True, cwd=ROOT,
                             env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     status = dict(re.findall(r"^\[\s*\d+/\d+\] (\S+)\s+(\S+)", result.stdout, re.M))
@@ -88,3 +88,19 @@ def test_missing_imagenet_weights_say_which_file_to_place_where(tmp_path, monkey
     assert imagenet_weights("").name == "resnet50-0676ba61.pth"
     with pytest.raises(UserError, match="do not exist"):
         imagenet_weights(str(tmp_path / "nope.pth"))
+
+
+def test_jobs_run_stages_side_by_side_with_the_same_results(tmp_path):
+    knn_config = tmp_path / "knn.yaml"
+    shutil.copy(ROOT / "configs/linear/fashion_mnist_demo.yaml", knn_config)
+    bench, torch_home = write_bench(tmp_path, knn_config), tmp_path / "torch"
+    one_stdout, one = run_bench(bench, tmp_path / "one", torch_home)
+    two_stdout, two = run_bench(bench, tmp_path / "two", torch_home, "jobs=2")
+    assert "jobs: 2 stages at once" in two_stdout and "jobs:" not in one_stdout
+    # every stage reported once, with the status it has when run one at a time
+    assert len(re.findall(r"^\[\s*\d+/\d+\]", two_stdout, re.M)) == len(two) == len(one)
+    assert two == one
+    for row in ("moco-tiny", "random-init"):
+        metrics = [read_results(tmp_path / out / "knn" / row / "results.json")["metrics"]
+                   for out in ("one", "two")]
+        assert metrics[0] == metrics[1], row
