@@ -27,11 +27,14 @@ def moco_augmentation(version: str, size: int, mean, std, crop_scale=(0.2, 1.0))
     """The official pipelines (main_moco.py L326-350), at any crop size."""
     normalize = T.Normalize(mean=mean, std=std)
     if version == "v2":  # "aug+", as in SimCLR
+        # The blur's sigma range [0.1, 2] is in pixels of a 224 px crop: it scales with the
+        # crop so a 32 px view is blurred as much as a 224 px one is, not 7 times more.
+        blur_sigma = [0.1 * size / 224, 2.0 * size / 224]
         ops = [
             T.RandomResizedCrop(size, scale=tuple(crop_scale)),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
-            T.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
+            T.RandomApply([GaussianBlur(blur_sigma)], p=0.5),
             T.RandomHorizontalFlip(),
         ]
     else:  # v1, as in InstDisc

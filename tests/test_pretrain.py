@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
@@ -257,3 +258,15 @@ def test_two_crops_are_seeded_per_image_and_skip_the_unused_key_view():
     assert not torch.equal(q, k)  # two different augmentations
     assert torch.equal(q1, q) and k1 is q1  # same query view, no second augmentation
     assert torch.equal(both[1][0], q)  # a function of (seed, epoch, index) alone
+
+
+def test_v2_blur_is_the_official_one_at_224_and_scales_with_smaller_crops():
+    from pretrain.data import GaussianBlur, moco_augmentation
+
+    def blur_sigma(size):
+        ops = moco_augmentation("v2", size, [0.5] * 3, [0.5] * 3).transforms
+        blurs = [t for op in ops for t in getattr(op, "transforms", []) if isinstance(t, GaussianBlur)]
+        return blurs[0].sigma
+
+    assert blur_sigma(224) == pytest.approx([0.1, 2.0])  # moco/main_moco.py
+    assert blur_sigma(32) == pytest.approx([0.1 * 32 / 224, 2.0 * 32 / 224])
