@@ -326,3 +326,23 @@ def test_torchrun_two_cpu_processes(moco, tmp_path, scenes_root):
     assert extra["world_size"] == 2 and extra["effective_batch"] == 4
     assert extra["norm"] == ("SyncBN" if torch.cuda.is_available() else "BN")
     assert math.isfinite(r["metrics"]["mIoU"])
+
+
+@needs_mmseg
+def test_two_runs_in_one_process_write_only_to_their_own_folders(moco, tmp_path, scenes_root,
+                                                                 monkeypatch):
+    """mmengine names its process-wide logger and visualizer by config name and a timestamp in
+    seconds; two runs started within one second must still each write to their own folder."""
+    import time
+
+    import transfer.segment as segment
+
+    frozen = time.localtime()
+    monkeypatch.setattr(time, "localtime", lambda *args: frozen)  # mmengine's timestamp source
+    path, _ = moco
+    for name in ("first", "second"):
+        segment.main(["--config", str(DEMO), "--weights", str(path), "--output", str(tmp_path / name),
+                      "--cfg-options", *_tiny(scenes_root)])
+    for name in ("first", "second"):
+        assert len(list((tmp_path / name).glob("*/vis_data/config.py"))) == 1, name
+        assert len(list((tmp_path / name).glob("*/*.log"))) == 1, name

@@ -347,6 +347,12 @@ def run(config, weights, output, *, launcher: str = "none", data_root: str | Non
     normalization = set_normalization(cfg, bb.meta)
 
     cfg.work_dir = str(output)
+    # mmengine keeps its logger and visualizer as process-wide instances named by the experiment
+    # (config name + a timestamp in seconds): a second run started in the same second of one
+    # process would get the first run's instances and write into the first run's folder.
+    cfg.experiment_name = f"{config.stem}_{time.time_ns()}"
+    if isinstance(cfg.get("visualizer"), dict):  # mmseg configs name it "visualizer": one per process
+        cfg.visualizer["name"] = cfg.experiment_name
     cfg.launcher = launcher
     cfg.randomness = dict(seed=seed, deterministic=False)
     if cfg.get("env_cfg") and not cuda:
