@@ -16,17 +16,18 @@ its folder (``stage.json``: the hash of its command, the config files it reads
 and the weights it evaluates), so an interrupted bench resumes where it stopped
 (pretraining itself resumes from its last checkpoint) and a re-run is instant.
 A failed stage is reported and written as a "failed" row; stages that depend on
-it are marked so and the others still run.
+it are marked so and the others still run. With ``jobs: N`` independent stages
+run N at a time (each row's pretrain + convert, then the tasks).
 """
 import argparse
 import contextlib
-import threading
 import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -358,6 +359,8 @@ def run_bench(config_path, output, overrides: list[str] | None = None) -> str:
     labels = [p.label for p in cfg.pretrainings]
     if len(set(map(slug, labels))) != len(labels):
         raise UserError(f"bench config {config_path}: pretraining labels must be distinct: {labels}")
+    if cfg.jobs < 1:
+        raise UserError(f"bench config {config_path}: jobs must be 1 or more, not {cfg.jobs}")
     for t in cfg.tasks:
         if t.task not in ("linear", "knn", "detect", "segment"):
             raise UserError(f"bench task {t.name!r}: task must be linear, knn, detect or segment")
