@@ -16,9 +16,11 @@ setup: $(VENV)/.installed
 # pip takes PyTorch's CUDA build (5.5 GB) even for the CPU: check the room before a new venv.
 NEED_GB := 8
 $(VENV)/.installed: pyproject.toml
-	@[ -x $(BIN)/python ] || free=$$(df -Pk $(dir $(VENV)) | awk 'NR==2 {print int($$4 / 1048576)}'); \
-	[ -x $(BIN)/python ] || [ "$$free" -ge $(NEED_GB) ] || { echo "make: only $$free GB free here, and the environment needs about $(NEED_GB) GB (PyTorch alone is 5.5 GB): free some space, or give VENV=<folder on a larger disk>"; exit 1; }
-	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	@if [ ! -x $(BIN)/python ]; then \
+		free=$$(df -Pk $(dir $(VENV)) | awk 'NR==2 {print int($$4 / 1048576)}'); \
+		[ "$$free" -ge $(NEED_GB) ] || { echo "make: only $$free GB free here, and the environment needs about $(NEED_GB) GB (PyTorch alone is 5.5 GB): free some space, or give VENV=<folder on a larger disk>"; exit 1; }; \
+		echo "$(PYTHON) -m venv $(VENV)"; $(PYTHON) -m venv $(VENV); \
+	fi
 	$(BIN)/pip install -q -e '.[dev,segment]'
 	touch $@
 

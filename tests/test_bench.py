@@ -1,5 +1,6 @@
 """The bench runs every stage through the real CLIs, caches finished stages by
 content, re-runs only what changed, and marks unavailable baselines as missing."""
+import json
 import os
 import re
 import shutil
@@ -104,3 +105,9 @@ def test_jobs_run_stages_side_by_side_with_the_same_results(tmp_path):
         metrics = [read_results(tmp_path / out / "knn" / row / "results.json")["metrics"]
                    for out in ("one", "two")]
         assert metrics[0] == metrics[1], row
+
+    def overlap(out):  # does the random row's conversion run during MoCo's pretraining?
+        pre, conv = (json.loads((tmp_path / out / stage / "stage.json").read_text())
+                     for stage in ("pretrain/moco-tiny", "convert/random-init"))
+        return conv["started"] < pre["started"] + pre["seconds"] and pre["started"] < conv["started"]
+    assert overlap("two") and not overlap("one")

@@ -140,7 +140,7 @@ class Bench:
         self.python = sys.executable
         self.weights: dict[str, Path | None] = {}  # row label -> weights file (None: unavailable)
         self.problem: dict[str, tuple[str, str]] = {}  # row label -> (status, reason)
-        # Every stage in run order, so the ETA can price each remaining one by its kind.
+        # Every stage, so the ETA can price each remaining one by its kind.
         self.plan = ([f"pretrain/{slug(p.label)}" for p in cfg.pretrainings]
                      + [f"convert/{slug(p.label)}" for p in cfg.pretrainings]
                      + [f"{t.name}/{slug(p.label)}" for t in cfg.tasks for p in self.rows_of(t)]
@@ -195,7 +195,7 @@ class Bench:
         if previous.get("key") == key and previous.get("status") == "done":
             self.progress(name, "cached", 0.0)
             return True, ""
-        tic = time.perf_counter()
+        tic, started = time.perf_counter(), time.time()
         reason = ""
         try:
             ensure_room(folder, need_bytes, f"the {name} stage's outputs")
@@ -218,7 +218,8 @@ class Bench:
         ok = not reason
         with contextlib.suppress(OSError):  # an unwritable folder: the reason is printed below
             atomic_json({"key": key, "status": "done" if ok else "failed", "reason": reason,
-                         "seconds": round(seconds, 1), "parts": key_parts}, record_path)
+                         "started": round(started, 3), "seconds": round(seconds, 1),
+                         "parts": key_parts}, record_path)
         self.progress(name, "done" if ok else "FAILED", seconds)
         if not ok:
             print(f"      {name}: {reason}", flush=True)
