@@ -47,6 +47,10 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     max_images: int = 0  # use a random subset of this many images (0 = all)
     num_workers: int = 4  # data loader workers per rank
+    # Where the colour half of the augmentation runs (pretrain/device_augment.py): "worker"
+    # (PIL, the official pipeline), "device" (batched where the model runs; workers only crop
+    # and flip), "auto" (device on a GPU, worker on a CPU, where the device is the bottleneck).
+    colour_on: str = "auto"
     # Unreadable image files skipped (each named in a warning) before a rank stops: a few
     # broken JPEGs should not end a week-long run, a broken copy of the data set should.
     max_unreadable: int = 100
@@ -126,6 +130,8 @@ def check(cfg: PretrainConfig, world_size: int) -> None:
         raise UserError(f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, not {d.crop_scale}")
     if d.augmentation not in ("v1", "v2"):
         raise UserError(f"data.augmentation must be v1 or v2, not {d.augmentation!r}")
+    if d.colour_on not in ("auto", "worker", "device"):
+        raise UserError(f"data.colour_on must be auto, worker or device, not {d.colour_on!r}")
     if t.schedule not in ("cos", "step"):
         raise UserError(f"train.schedule must be cos or step, not {t.schedule!r}")
     if t.amp not in ("none", "bf16", "fp16"):

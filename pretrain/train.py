@@ -24,6 +24,7 @@ from common.fileio import atomic_torch_save, ensure_room, tensor_digest
 from pretrain.builder import Supervised, backbone
 from pretrain.config import PretrainConfig, bn_splits, check, method_name
 from pretrain.data import EpochSampler, TwoCrops, eval_transform, moco_augmentation
+from pretrain.device_augment import WorkerHalf, colour_batch
 from pretrain.dictionary import ConsistencyProbe, build_contrastive, key_encoder, max_key_age
 
 CHECKPOINT_FORMAT = "moco-bench.pretrain/1"
@@ -167,7 +168,19 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
     if len(images) < t.batch_size:
         raise UserError(f"{len(images)} training images is fewer than one global batch of "
                         f"{t.batch_size}; lower train.batch_size or add data")
-    augmentation = moco_augmentation(d.augmentation, d.image_size, d.mean, d.std, d.crop_scale)
+    colour_on = d.colour_on if d.colour_on != "auto" else "device" if device.type == "cuda" else "worker"
+    if colour_on == "device":  # workers crop and flip; colour runs batched on the device
+        augmentation = WorkerHalf(d.augmentation, d.image_size, d.crop_scale)
+    else:
+        augmentation = moco_augmentation(d.augmentation, d.image_size, d.mean, d.std, d.crop_scale)
+
+    def to_input(view):
+        """A batch of views as the model takes them, on the device."""
+        if colour_on == "worker":
+            return view.to(device, non_blocking=True)
+        pixels, params = view
+        return colour_batch(pixels.to(device, non_blocking=True), params, augmentation.recipe,
+                            d.mean, d.std)
     dataset = TwoCrops(images, augmentation, t.seed,
                        key_view=cfg.method == "moco" and m.dictionary != "memory_bank")
     steps_per_epoch = len(images) // t.batch_size
@@ -226,7 +239,7 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
             print(f"MoCo ({method_name(cfg)}): {cfg.model.arch}, dictionary {m.dictionary}, "
                   f"K={t.batch_size if m.dictionary == 'end_to_end' else m.queue_size}, m={m.momentum}, "
                   f"T={m.temperature}, {'MLP' if m.mlp else 'linear'} head, aug {d.augmentation} "
-                  f"(crop area {d.crop_scale[0]:g}-{d.crop_scale[1]:g}), "
+                  f"(crop area {d.crop_scale[0]:g}-{d.crop_scale[1]:g}, colour on the {colour_on}), "
                   f"BN: {m.bn} ({splits} group(s) per rank)", flush=True)
         print(f"batch: world size {world} x {per_rank} per rank = global {t.batch_size}; "
               f"lr {t.lr} x {t.batch_size}/256 = {lr0:g} ({t.schedule}); device {device.type}", flush=True)
@@ -264,8 +277,8 @@ def train(cfg: PretrainConfig, output_dir, resume: str | None = None) -> Path:
                             generator=torch.Generator().manual_seed(t.seed + epoch))
         tic, done_here = time.perf_counter(), 0
         for im_q, im_k, targets, index in iterate(loader):
-            im_q = im_q.to(device, non_blocking=True)
-            im_k = im_k.to(device, non_blocking=True)
+            im_q = to_input(im_q)
+            im_k = to_input(im_k) if dataset.key_view else im_q
             if t.channels_last:
                 im_q = im_q.contiguous(memory_format=torch.channels_last)
                 im_k = im_k.contiguous(memory_format=torch.channels_last)

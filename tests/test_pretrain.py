@@ -270,3 +270,13 @@ def test_v2_blur_is_the_official_one_at_224_and_scales_with_smaller_crops():
 
     assert blur_sigma(224) == pytest.approx([0.1, 2.0])  # moco/main_moco.py
     assert blur_sigma(32) == pytest.approx([0.1 * 32 / 224, 2.0 * 32 / 224])
+
+
+def test_colour_on_the_device_trains_and_logs_where_it_ran(tmp_path):
+    result = run_pretrain(tmp_path, "train.max_steps=2", "data.colour_on=device", "data.num_workers=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "colour on the device" in result.stdout
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    bad = run_pretrain(tmp_path / "bad", "data.colour_on=gpu")
+    assert bad.returncode != 0 and "data.colour_on must be auto, worker or device" in bad.stderr

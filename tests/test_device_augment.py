@@ -1,0 +1,120 @@
+"""The split augmentation (pretrain/device_augment.py): the device half computes
+torchvision's colour ops image by image, the worker half draws torchvision's
+parameter distributions, and a view stays a function of (seed, epoch, index)."""
+from pathlib import Path
+
+import pytest
+import sklearn
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from pretrain.data import TwoCrops, moco_augmentation
+from pretrain.device_augment import (BLUR, FACTORS, GRAY, JITTER, ORDER, SIGMA, Recipe, WorkerHalf,
+                                     colour_batch)
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def photo() -> Image.Image:
+    """A real colour photo (scikit-learn's china.jpg, 427x640)."""
+    return Image.open(Path(sklearn.__file__).parent / "datasets/images/china.jpg").convert("RGB")
+
+
+def one_by_one(pixels, params, recipe):
+    """The reference: torchvision's tensor ops, one image and one op at a time."""
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    out = []
+    for image, p in zip(pixels, params):
+        x = image.float() / 255
+
+        def jitter(x):
+            if p[JITTER] > 0:
+                for op in p[ORDER].long().tolist():
+                    x = ops[op](x, float(p[FACTORS.start + op]))
+            return x
+
+        def gray(x):
+            return TF.rgb_to_grayscale(x, num_output_channels=3) if p[GRAY] > 0 else x
+
+        x = gray(jitter(x)) if recipe.version == "v2" else jitter(gray(x))
+        if p[BLUR] > 0:
+            x = TF.gaussian_blur(x, [recipe.kernel] * 2, [float(p[SIGMA])] * 2)
+        out.append(TF.normalize(x, MEAN, STD))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("version,size", [("v2", 64), ("v2", 224), ("v1", 48)])
+def test_device_half_equals_torchvisions_ops_image_by_image(version, size):
+    torch.manual_seed(0)
+    half = WorkerHalf(version, size)
+    views = [half(photo()) for _ in range(24)]
+    pixels, params = torch.stack([v for v, _ in views]), torch.stack([p for _, p in views])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (24, 3, size, size)
+    assert params[:, JITTER].sum() > 0 and params[:, GRAY].sum() > 0  # every branch ran
+    if version == "v2":
+        assert 0 < params[:, BLUR].sum() < 24
+    batched = colour_batch(pixels, params, half.recipe, MEAN, STD)
+    torch.testing.assert_close(batched, one_by_one(pixels, params, half.recipe), atol=1e-4, rtol=0)
+
+
+def test_parameters_follow_the_recipes_distributions():
+    torch.manual_seed(0)
+    v2 = Recipe("v2", 224)
+    rows = torch.stack([v2.draw() for _ in range(4000)])
+    for column, p in ((JITTER, 0.8), (GRAY, 0.2), (BLUR, 0.5)):
+        assert rows[:, column].mean().item() == pytest.approx(p, abs=0.03)
+    b_c_s, hue = rows[:, FACTORS][:, :3], rows[:, FACTORS][:, 3]
+    assert b_c_s.min() >= 0.6 and b_c_s.max() <= 1.4 and b_c_s.mean().item() == pytest.approx(1, abs=0.02)
+    assert hue.abs().max() <= 0.1
+    assert (rows[:, ORDER].sort(1).values == torch.arange(4.0)).all()  # a permutation each time
+    blurred = rows[rows[:, BLUR] > 0, SIGMA]
+    assert blurred.min() >= 0.1 and blurred.max() <= 2.0  # moco/main_moco.py's range at 224 px
+    assert Recipe("v2", 32).sigma == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
+    v1 = torch.stack([Recipe("v1", 224).draw() for _ in range(500)])
+    assert (v1[:, JITTER] == 1).all() and (v1[:, BLUR] == 0).all() and v1[:, FACTORS][:, 3].abs().max() > 0.2
+
+
+def pil_colour(crop: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The official pipeline's PIL ops (moco/loader.py's blur) with the given parameters."""
+    from PIL import ImageFilter
+    from torchvision.transforms import functional as F
+
+    ops = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue]
+    image = F.to_pil_image(crop)
+    if p[JITTER] > 0:
+        for op in p[ORDER].long().tolist():
+            image = ops[op](image, float(p[FACTORS.start + op]))
+    if p[GRAY] > 0:
+        image = F.to_grayscale(image, num_output_channels=3)
+    if p[BLUR] > 0:
+        image = image.filter(ImageFilter.GaussianBlur(radius=float(p[SIGMA])))
+    return F.to_tensor(image)
+
+
+def test_device_half_matches_the_pil_pipeline_given_the_same_draws():
+    """Same crop, same parameters: PIL rounds to uint8 after every op and blurs with box
+    passes, so pixels differ by a grey level or two, not by recipe."""
+    torch.manual_seed(0)
+    half = WorkerHalf("v2", 64)
+    views = [half(photo()) for _ in range(64)]
+    pixels, params = torch.stack([v for v, _ in views]), torch.stack([p for _, p in views])
+    ours = colour_batch(pixels, params, half.recipe, [0.0] * 3, [1.0] * 3)  # in [0, 1]
+    pil = torch.stack([pil_colour(v, p) for v, p in zip(pixels, params)])
+    error = (ours - pil).abs().mean((1, 2, 3))
+    sharp = params[:, BLUR] == 0
+    # measured: ~1 grey level on average, 1.7 at most, with or without blur
+    assert error[sharp].max() < 2.5 / 255  # PIL's uint8 rounding (hue in 256 steps)
+    assert error[~sharp].max() < 3 / 255  # plus its box approximation of the Gaussian
+
+
+def test_two_crops_with_the_worker_half_are_seeded_per_image():
+    from common.data import build_dataset
+
+    images = build_dataset("fashion-mnist", "train", max_images=4)
+    crops = TwoCrops(images, WorkerHalf("v2", 32), seed=3)
+    (q_pixels, q_params), (k_pixels, k_params), _, _ = crops[1]
+    assert q_pixels.shape == (3, 32, 32) and q_pixels.dtype == torch.uint8  # grey read as RGB
+    assert not (torch.equal(q_pixels, k_pixels) and torch.equal(q_params, k_params))
+    again = crops[1]
+    assert torch.equal(again[0][0], q_pixels) and torch.equal(again[1][1], k_params)
