@@ -95,11 +95,11 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self):
-        """key = m * key + (1 - m) * query, over every parameter in one fused call."""
+        """key = m * key + (1 - m) * query, over every parameter in one fused call
+        (lerp: one pass over the weights instead of a multiply and an add)."""
         params_k = [p for p in self.encoder_k.parameters()]
         params_q = [p.detach() for p in self.encoder_q.parameters()]
-        torch._foreach_mul_(params_k, self.m)
-        torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
+        torch._foreach_lerp_(params_k, params_q, 1.0 - self.m)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor):

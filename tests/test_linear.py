@@ -315,10 +315,11 @@ def test_protocol_benchmark_runs_side_by_side(tmp_path):
                  "paper.epochs=1", "paper.batch_size=48", "paper.lr=0.1"]
     summary = compare("random", tmp_path, None, overrides, arch="resnet18")
     assert [r["run"] for r in summary["rows"]] == ["fast (cold cache)", "fast (warm cache)",
-                                                   "knn", "paper"]
+                                                   "knn", "paper", "paper SGD on eval-view features"]
     cold, warm = (read_results(r["results"])["config"]["derived"]["feature_cache"]
                   for r in summary["rows"][:2])
     assert cold == {"train": "miss", "val": "miss"} and warm == {"train": "hit", "val": "hit"}
     saved = json.loads((tmp_path / "linear_protocols.json").read_text())
     assert saved["speedup_fast_cold"] == summary["rows"][0]["paper_time_over_this"]
     assert saved["scale"]["max_train_images"] == 96 and saved["paper_epochs"] == 1
+    assert 0 <= saved["top1_paper_sgd_on_eval_features"] <= 100
