@@ -56,6 +56,9 @@ def eval_transform(size: int, mean, std):
 class TwoCrops(Dataset):
     """(query view, key view, label, index) of an ImageDataset, seeded per image.
 
+    A view is what `transform` returns: a normalised tensor (the PIL pipeline), or a
+    (uint8 pixels, colour parameters) pair from device_augment.WorkerHalf.
+
     With `key_view=False` (supervised training, the memory bank: nothing encodes a key
     view) the query view is returned in both places instead of augmenting twice."""
 
