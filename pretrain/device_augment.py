@@ -62,11 +62,8 @@ class WorkerHalf:
         self.geometry = T.Compose([T.RandomResizedCrop(size, scale=tuple(crop_scale)),
                                    T.RandomHorizontalFlip(), T.PILToTensor()])
 
-    def __call__(self, image):
-        view = self.geometry(image)
-        if view.shape[0] == 1:
-            view = view.expand(3, -1, -1)
-        return view, self.recipe.draw()
+    def __call__(self, image):  # an RGB image: common/data.py converts every image it reads
+        return self.geometry(image), self.recipe.draw()
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ class BenchConfig:
     # Stages run at once. Pretraining and converting a row is one chain, chains run side by
     # side, then the tasks do; each stage gets cores/jobs threads. On a 2-core CPU two 1-thread
     # processes get more done than one 2-thread process (small tensors, per-op overhead): the
-    # demo bench takes 9:39 with 2 and 13:29 with 1. On a GPU node leave it at 1: each stage
+    # demo bench takes 9:31-9:39 with 2 and 13:29 with 1. On a GPU node leave it at 1: each stage
     # already fills the node (nproc).
     jobs: int = 1
 
