@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from common.config import load_config
-from common.errors import cli
-from common.fileio import atomic_json
+from mocobench.config import load_config
+from mocobench.errors import cli
+from mocobench.fileio import atomic_json
 from transfer import linear
 from transfer.linear import LinearConfig
 from transfer.linear_paper import lr_at

@@ -8,7 +8,7 @@ import sys
 
 from tabulate import tabulate
 
-from common.errors import cli
+from mocobench.errors import cli
 from converters.archs import ARCHS
 from converters.loader import load_backbone
 from converters.writers import CONVERTERS

@@ -5,7 +5,7 @@ import functools
 import torch
 import torchvision
 
-from common.errors import UserError
+from mocobench.errors import UserError
 
 # constructor -> (block, blocks per stage, groups, width_per_group), as in torchvision/models/resnet.py
 ARCHS = {

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.serialization
 
-from common.errors import UserError
+from mocobench.errors import UserError
 from converters import archs
 from converters.names import d2_to_tv
 

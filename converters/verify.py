@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from common.errors import UserError
+from mocobench.errors import UserError
 from converters import archs
 from converters.loader import Backbone, build_resnet
 
@@ -124,10 +124,10 @@ def verify_detectron2(bb: Backbone, pkl_path) -> str:
 
 def verify_mmseg(bb: Backbone, pth_path) -> str:
     if importlib.util.find_spec("mmseg") is None:
-        from common.mmseg_compat import INSTALL
+        from mocobench.mmseg_compat import INSTALL
 
         return None, f"numeric check skipped: mmsegmentation is not installed ({INSTALL})"
-    from common.mmseg_compat import build_resnet_backbone
+    from mocobench.mmseg_compat import build_resnet_backbone
 
     with contextlib.redirect_stdout(io.StringIO()):
         # mmengine prints "Loads checkpoint by local backend from path: <temporary name>";

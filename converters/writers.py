@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import UserError
-from common.fileio import atomic_write
+from mocobench.errors import UserError
+from mocobench.fileio import atomic_write
 from converters import archs
 from converters.loader import D2_AUTHOR, MMSEG_FORMAT, Backbone, _read, check_backbone
 from converters.names import tv_to_d2

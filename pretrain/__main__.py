@@ -1,8 +1,8 @@
 """python -m pretrain --config CONFIG --output DIR [--resume CKPT] [key=value ...]"""
 import argparse
 
-from common.config import load_config
-from common.errors import cli
+from mocobench.config import load_config
+from mocobench.errors import cli
 from pretrain.config import PretrainConfig
 from pretrain.train import train
 

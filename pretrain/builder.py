@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from common import dist
+from mocobench import dist
 from pretrain import shuffle
 
 

@@ -6,7 +6,7 @@ groups) are computed in ``resolve`` and printed, never hidden in the YAML.
 """
 from dataclasses import dataclass, field
 
-from common.errors import UserError
+from mocobench.errors import UserError
 
 
 @dataclass

@@ -62,7 +62,7 @@ class WorkerHalf:
         self.geometry = T.Compose([T.RandomResizedCrop(size, scale=tuple(crop_scale)),
                                    T.RandomHorizontalFlip(), T.PILToTensor()])
 
-    def __call__(self, image):  # an RGB image: common/data.py converts every image it reads
+    def __call__(self, image):  # an RGB image: mocobench/data.py converts every image it reads
         return self.geometry(image), self.recipe.draw()
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import dist
+from mocobench import dist
 from pretrain.builder import MoCo, build_encoder
 
 DICTIONARIES = ("queue", "end_to_end", "memory_bank")

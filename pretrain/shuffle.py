@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from common import dist
+from mocobench import dist
 
 
 @dataclass

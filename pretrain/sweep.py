@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from common.config import load_config
-from common.errors import UserError, cli
-from common.fileio import atomic_json
+from mocobench.config import load_config
+from mocobench.errors import UserError, cli
+from mocobench.fileio import atomic_json
 from pretrain.config import PretrainConfig, check
 
 KNN_CONFIG = "configs/linear/fashion_mnist_demo.yaml"

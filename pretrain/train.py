@@ -16,11 +16,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common import dist
-from common.config import save_config, to_dict
-from common.data import build_dataset, iterate
-from common.errors import UserError
-from common.fileio import atomic_torch_save, ensure_room, tensor_digest
+from mocobench import dist
+from mocobench.config import save_config, to_dict
+from mocobench.data import build_dataset, iterate
+from mocobench.errors import UserError
+from mocobench.fileio import atomic_torch_save, ensure_room, tensor_digest
 from pretrain.builder import Supervised, backbone
 from pretrain.config import PretrainConfig, bn_splits, check, method_name
 from pretrain.data import EpochSampler, TwoCrops, eval_transform, moco_augmentation
@@ -132,7 +132,7 @@ def _git_sha():
 # ============ kNN monitor ============
 def knn_monitor(cfg: PretrainConfig, encoder: nn.Module, device) -> float:
     """Weighted kNN top-1 (k=200, T=0.1, cosine) of the query encoder's pooled features."""
-    from common.knn import extract_features, weighted_knn
+    from mocobench.knn import extract_features, weighted_knn
 
     d, t = cfg.data, cfg.train
     tf = eval_transform(d.image_size, d.mean, d.std)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.errors import UserError
+from mocobench.errors import UserError
 from transfer.bench import imagenet_weights
 from transfer.results import read_results
 

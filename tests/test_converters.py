@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from common.errors import UserError
+from mocobench.errors import UserError
 from converters import build_resnet, load_backbone, to_detectron2, to_mmseg, to_torchvision
 from converters import archs
 from converters.loader import PRETRAIN_FORMAT

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import UserError
+from mocobench.errors import UserError
 from transfer.detect import config as dcfg
 
 HAS_D2 = importlib.util.find_spec("detectron2") is not None

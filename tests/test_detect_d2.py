@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from common.errors import UserError
+from mocobench.errors import UserError
 from transfer.results import read_results
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("detectron2") is None,

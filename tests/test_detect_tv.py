@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from common.errors import UserError
+from mocobench.errors import UserError
 from transfer.results import read_results
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"

@@ -109,7 +109,7 @@ def test_device_half_matches_the_pil_pipeline_given_the_same_draws():
 
 
 def test_two_crops_with_the_worker_half_are_seeded_per_image():
-    from common.data import build_dataset
+    from mocobench.data import build_dataset
 
     images = build_dataset("fashion-mnist", "train", max_images=4)
     crops = TwoCrops(images, WorkerHalf("v2", 32), seed=3)

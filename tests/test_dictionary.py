@@ -13,8 +13,8 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from common.config import load_config
-from common.errors import UserError
+from mocobench.config import load_config
+from mocobench.errors import UserError
 from pretrain.config import PretrainConfig, check
 from pretrain.dictionary import ConsistencyProbe, EndToEnd, MemoryBank, consistency
 

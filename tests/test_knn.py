@@ -1,11 +1,11 @@
-"""common.knn: weighted kNN on hand-made features, and feature extraction."""
+"""mocobench.knn: weighted kNN on hand-made features, and feature extraction."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.errors import UserError
-from common.knn import extract_features, topk_accuracy, weighted_knn
+from mocobench.errors import UserError
+from mocobench.knn import extract_features, topk_accuracy, weighted_knn
 
 
 def reference_knn(train, labels, test, num_classes, k, t):

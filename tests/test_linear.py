@@ -18,11 +18,11 @@ import torchvision
 from torchvision import transforms as T
 
 import transfer.features as features_mod
-from common.config import load_config
-from common.data import build_dataset
-from common.errors import UserError
-from common.fileio import sha256_file
-from common.knn import topk_accuracy
+from mocobench.config import load_config
+from mocobench.data import build_dataset
+from mocobench.errors import UserError
+from mocobench.fileio import sha256_file
+from mocobench.knn import topk_accuracy
 from converters import load_backbone
 from transfer import logreg
 from transfer.features import load_frozen_backbone, resolve_preprocessing

@@ -229,7 +229,7 @@ def test_unknown_override_is_one_line(tmp_path):
 
 
 def test_overrides_take_exponent_floats_and_lists():
-    from common.config import load_config
+    from mocobench.config import load_config
     from pretrain.config import PretrainConfig
 
     cfg = load_config(PretrainConfig, DEMO, ["train.weight_decay=5e-4", "data.crop_scale=[0.5,1]"])
@@ -247,7 +247,7 @@ def test_supervised_baseline_trains_the_same_encoder_with_labels(tmp_path):
 
 
 def test_two_crops_are_seeded_per_image_and_skip_the_unused_key_view():
-    from common.data import build_dataset
+    from mocobench.data import build_dataset
     from pretrain.data import TwoCrops, moco_augmentation
 
     images = build_dataset("fashion-mnist", "train", max_images=4)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import UserError
+from mocobench.errors import UserError
 from transfer import report as rp
 from transfer.paper_numbers import ANCHORS
 from transfer.results import read_results, write_results

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data import fashion_mnist
-from common.errors import UserError
+from mocobench.data import fashion_mnist
+from mocobench.errors import UserError
 from transfer import scenes as sc
 
 HAS_D2 = importlib.util.find_spec("detectron2") is not None

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torchvision
 
-from common.errors import UserError
-from common.mmseg_compat import check_plain_resnet
+from mocobench.errors import UserError
+from mocobench.mmseg_compat import check_plain_resnet
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "segmentation" / "demo_fcn_r18_d8_scenes.py"
@@ -106,7 +106,7 @@ def test_mmcv_lite_stand_in_only_when_compiled_ops_absent(monkeypatch):
     import mmcv
     from mmengine.utils.dl_utils import mmcv_full_available
 
-    from common import mmseg_compat
+    from mocobench import mmseg_compat
 
     mmseg_compat.import_mmseg()
     if mmseg_compat.has_compiled_ops():  # a full mmcv: its own extension, untouched
@@ -137,7 +137,7 @@ def test_mmcv_lite_stand_in_only_when_compiled_ops_absent(monkeypatch):
 @needs_mmseg
 def test_converted_weights_fill_every_tensor_and_gaps_are_caught(moco, tmp_path):
     import converters
-    from common.mmseg_compat import build_resnet_backbone, compare_backbone
+    from mocobench.mmseg_compat import build_resnet_backbone, compare_backbone
     from transfer.segment import check_backbone_loaded
 
     path, source = moco

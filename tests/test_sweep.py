@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import UserError
+from mocobench.errors import UserError
 from pretrain.sweep import parse_grid, points, slug
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -33,9 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import load_config, read_yaml
-from common.errors import UserError, cli, one_line
-from common.fileio import atomic_json, ensure_room, sha256_file
+from mocobench.config import load_config, read_yaml
+from mocobench.errors import UserError, cli, one_line
+from mocobench.fileio import atomic_json, ensure_room, sha256_file
 from transfer.results import weights_record, write_results
 
 # Free space a stage needs at least (logs, results, a feature cache of the demo's size).
@@ -245,7 +245,7 @@ class Bench:
                 import torch
                 import torchvision
 
-                from common.fileio import atomic_torch_save
+                from mocobench.fileio import atomic_torch_save
 
                 torch.manual_seed(row.seed)
                 model = torchvision.models.get_model(row.arch, weights=None)

@@ -22,10 +22,10 @@ import torchvision
 from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 
-from common import dist
-from common.errors import UserError
-from common.fileio import atomic_torch_save
-from common.knn import extract_features
+from mocobench import dist
+from mocobench.errors import UserError
+from mocobench.fileio import atomic_torch_save
+from mocobench.knn import extract_features
 from transfer.results import weights_record
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]

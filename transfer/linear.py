@@ -12,7 +12,7 @@ Protocols:
   (transfer.features), then multinomial logistic regression with the L2
   strength chosen on held-out training images (transfer.logreg).
 - ``knn`` (its own task): weighted kNN, k=200, T=0.1, cosine, on the same
-  cached features (common.knn).
+  cached features (mocobench.knn).
 
 W is a checkpoint `converters.load_backbone` reads, or ``random`` with
 ``--arch`` for the random-init baseline. Each run writes DIR/results.json.
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from common import dist
-from common.config import load_config, to_dict
-from common.data import build_dataset
-from common.errors import UserError, cli
-from common.knn import topk_accuracy, weighted_knn
+from mocobench import dist
+from mocobench.config import load_config, to_dict
+from mocobench.data import build_dataset
+from mocobench.errors import UserError, cli
+from mocobench.knn import topk_accuracy, weighted_knn
 from transfer import logreg
 from transfer.features import cached_features, load_frozen_backbone, resolve_preprocessing
 from transfer.results import write_results

@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from common import dist
-from common.data import iterate
-from common.errors import UserError
-from common.fileio import atomic_torch_save
+from mocobench import dist
+from mocobench.data import iterate
+from mocobench.errors import UserError
+from mocobench.fileio import atomic_torch_save
 from transfer.features import _ContiguousShard, feature_dim
 
 CHECKPOINT = "checkpoint.pth"

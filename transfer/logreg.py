@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.errors import UserError
-from common.knn import topk_accuracy
+from mocobench.errors import UserError
+from mocobench.knn import topk_accuracy
 
 SOLVERS = ("auto", "sklearn", "torch")
 _ROWS_PER_CHUNK = 65536

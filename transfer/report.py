@@ -36,8 +36,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from common.errors import UserError, cli
-from common.fileio import atomic_write
+from mocobench.errors import UserError, cli
+from mocobench.fileio import atomic_write
 from transfer.paper_numbers import ANCHORS
 from transfer.results import read_results
 

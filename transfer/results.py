@@ -28,8 +28,8 @@ import math
 import subprocess
 from pathlib import Path
 
-from common.errors import UserError
-from common.fileio import atomic_json, sha256_file
+from mocobench.errors import UserError
+from mocobench.fileio import atomic_json, sha256_file
 
 SCHEMA = "moco-bench.results/1"
 STATUSES = ("ok", "missing", "failed")

@@ -59,8 +59,8 @@ from xml.sax.saxutils import escape
 import numpy as np
 from PIL import Image
 
-from common.data import FASHION_MNIST_CLASSES, fashion_mnist
-from common.errors import UserError
+from mocobench.data import FASHION_MNIST_CLASSES, fashion_mnist
+from mocobench.errors import UserError
 
 CLASSES = list(FASHION_MNIST_CLASSES)
 GAP = 2  # pixels between items, so masks never touch and boxes never overlap

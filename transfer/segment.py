@@ -32,8 +32,8 @@ import os
 import time
 from pathlib import Path
 
-from common.errors import UserError, cli
-from common.mmseg_compat import (PLAIN_RESNET_DEPTHS, STAGE_CHANNELS, check_plain_resnet,
+from mocobench.errors import UserError, cli
+from mocobench.mmseg_compat import (PLAIN_RESNET_DEPTHS, STAGE_CHANNELS, check_plain_resnet,
                                  compare_backbone, import_mmseg, mmseg_state_dict)
 
 ARCH_DEPTH = {f"resnet{d}": d for d in PLAIN_RESNET_DEPTHS}
@@ -118,7 +118,7 @@ def check_model_cfg(cfg) -> int:
     for key in ("load_from", "resume"):
         if cfg.get(key):
             raise UserError(f"config sets {key}={cfg[key]!r}, but transfer segment fine-tunes from --weights "
-                            "and never reloads Runner checkpoints (see common/mmseg_compat.py); "
+                            "and never reloads Runner checkpoints (see mocobench/mmseg_compat.py); "
                             f"set {key} to None/False")
     return depth
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "tests" / "faults"))
 from test_pretrain import _one_line_error, run_pretrain  # noqa: E402
 from test_pretrain_faults import run_with_fault  # noqa: E402
 
-from common.data import fashion_mnist  # noqa: E402
+from mocobench.data import fashion_mnist  # noqa: E402
 
 
 def image_folder(root: Path, per_class: int = 20) -> Path:

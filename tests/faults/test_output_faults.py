@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.errors import UserError
-from common.fileio import ensure_room
+from mocobench.errors import UserError
+from mocobench.fileio import ensure_room
 from transfer.bench import run_bench
 from transfer.results import read_results
 

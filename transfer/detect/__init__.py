@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.errors import UserError, cli
+from mocobench.errors import UserError, cli
 
 D2_INSTALL = ("pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git' "
               "(it builds against the installed torch)")
@@ -111,7 +111,7 @@ def main(argv=None):
 
 
 def run_torchvision(args, out: Path):
-    from common import dist
+    from mocobench import dist
     from converters import load_backbone
     from transfer.detect import config as dcfg
     from transfer.detect import datasets as ds

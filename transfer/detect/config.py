@@ -16,8 +16,8 @@ size of the embedded Fashion-MNIST scene set behind the ``scenes_*`` names).
 import ast
 from pathlib import Path
 
-from common.config import merge, read_mapping
-from common.errors import UserError
+from mocobench.config import merge, read_mapping
+from mocobench.errors import UserError
 
 # Ours: present in both engines' configs.
 EXTRA = {

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from common.errors import UserError
+from mocobench.errors import UserError
 from transfer.detect import config as dcfg
 from transfer.detect import datasets as ds
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import UserError
+from mocobench.errors import UserError
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

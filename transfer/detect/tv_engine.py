@@ -37,9 +37,9 @@ import yaml
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from common import dist
-from common.errors import UserError
-from common.fileio import atomic_torch_save, atomic_write
+from mocobench import dist
+from mocobench.errors import UserError
+from mocobench.fileio import atomic_torch_save, atomic_write
 from transfer.detect import datasets as ds
 from transfer.detect.config import get
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from common.errors import UserError
+from mocobench.errors import UserError
 
 
 def _field_names(cls) -> list[str]:
@@ -148,7 +148,7 @@ def load_config(cls, path=None, overrides: list[str] | None = None):
 
 
 def save_config(cfg, path) -> None:
-    from common.fileio import atomic_write
+    from mocobench.fileio import atomic_write
 
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -43,7 +43,7 @@ import importlib.util
 import sys
 import types
 
-from common.errors import UserError
+from mocobench.errors import UserError
 
 INSTALL = ("pip install mmsegmentation==1.2.2 mmengine==0.10.7 mmcv-lite==2.1.0 ftfy regex "
            "(or: pip install 'moco-bench[segment]')")
@@ -57,7 +57,7 @@ STAGE_CHANNELS = {18: (64, 128, 256, 512), 34: (64, 128, 256, 512),
                   50: (256, 512, 1024, 2048), 101: (256, 512, 1024, 2048),
                   152: (256, 512, 1024, 2048)}
 
-_STAND_IN_NOTE = "stand-in registered by common.mmseg_compat because mmcv-lite has no compiled ops"
+_STAND_IN_NOTE = "stand-in registered by mocobench.mmseg_compat because mmcv-lite has no compiled ops"
 
 
 class _MissingOps(types.ModuleType):
@@ -72,7 +72,7 @@ class _MissingOps(types.ModuleType):
             raise UserError(
                 f"mmcv op {name!r} needs mmcv's compiled extension, which mmcv-lite lacks; "
                 "use a config without deformable/PSA/CARAFE/CrissCross layers, or install the full "
-                "mmcv==2.1.0 built from source (see common/mmseg_compat.py)")
+                "mmcv==2.1.0 built from source (see mocobench/mmseg_compat.py)")
 
         missing.__name__ = name
         return missing

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
-from common.errors import UserError
+from mocobench.errors import UserError
 
 FASHION_MNIST_DIRS = [
     os.environ.get("FASHION_MNIST_DIR", ""),

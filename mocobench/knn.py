@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.data import iterate
-from common.errors import UserError
+from mocobench.data import iterate
+from mocobench.errors import UserError
 
 # Similarity rows of this many elements are computed at a time (test chunk x
 # number of training features): bounds memory at ~256 MiB of float32 whatever

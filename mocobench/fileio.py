@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from common.errors import UserError
+from mocobench.errors import UserError
 
 
 def atomic_write(path, write_fn) -> None:
