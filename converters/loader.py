@@ -30,10 +30,10 @@ import torch
 import torch.serialization
 
 from mocobench.errors import UserError
+from mocobench.fileio import PRETRAIN_CHECKPOINT_FORMAT as PRETRAIN_FORMAT
 from converters import archs
 from converters.names import d2_to_tv
 
-PRETRAIN_FORMAT = "moco-bench.pretrain/1"
 MMSEG_FORMAT = "moco-bench.mmseg/1"
 D2_AUTHOR = "moco-bench"
 SUPPORTED = ("moco-bench pretrain checkpoint; MoCo official (module.encoder_q.*); "

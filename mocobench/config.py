@@ -5,7 +5,12 @@ default, read from YAML and overridden with dotted ``key=value`` arguments.
 
 A YAML file may name one ``_base_`` file (relative to itself) whose values it
 overrides; no deeper inheritance, so a config can always be read in two files.
-Unknown keys and badly typed values are refused in one line.
+Unknown keys, badly typed values and values outside a field's declared range are
+refused in one line. A field declares its range with ``setting``:
+
+    batch_size: int = setting(256, ge=1)        # global batch
+    amp: str = setting("none", choices=("none", "bf16", "fp16"))
+    crop_scale: list[float] = setting([0.2, 1.0], length=2, gt=0, le=1)  # rules apply per item
 """
 import copy
 import dataclasses
@@ -17,6 +22,53 @@ from pathlib import Path
 import yaml
 
 from mocobench.errors import UserError
+
+
+_RULES = {
+    "ge": (lambda v, r: v >= r, "at least {}"),
+    "gt": (lambda v, r: v > r, "more than {}"),
+    "le": (lambda v, r: v <= r, "at most {}"),
+    "lt": (lambda v, r: v < r, "less than {}"),
+    "choices": (lambda v, r: v in r, "one of {}"),
+}
+
+
+def setting(default, **rules):
+    """A dataclass field with a default (copied for lists and dicts) and value rules:
+    ge / gt / le / lt (numbers), choices (a tuple), length (of a list). For a list the
+    number and choice rules apply to every item. Checked whenever a config is built."""
+    unknown = set(rules) - set(_RULES) - {"length"}
+    if unknown:
+        raise TypeError(f"unknown rules {sorted(unknown)}")
+    meta = {"rules": rules}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def check_rules(cfg, prefix: str = "") -> None:
+    """Refuse, in one line, the first value of `cfg` (recursively) outside its field's rules."""
+    for f in dataclasses.fields(cfg):
+        value, where = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_rules(value, where + ".")
+            continue
+        rules = f.metadata.get("rules", {})
+        if not rules or value is None:
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if "length" in rules and isinstance(value, (list, tuple)) and len(value) != rules["length"]:
+            raise UserError(f"{where}={value!r} must have {rules['length']} items; fix the config "
+                            "or override it")
+        for item in items:
+            for name, bound in rules.items():
+                if name == "length":
+                    continue
+                ok, words = _RULES[name]
+                if not ok(item, bound):
+                    shown = ", ".join(map(str, bound)) if name == "choices" else bound
+                    raise UserError(f"{where}={value!r} is not allowed: it must be "
+                                    f"{words.format(shown)}; fix the config or override it")
 
 
 def _field_names(cls) -> list[str]:
@@ -82,7 +134,10 @@ def from_dict(cls, data: dict, prefix: str = ""):
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known: {', '.join(names)}"
             raise UserError(f"unknown config key {prefix}{key}{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    if not prefix:  # once, from the top: nested sections are checked with their full names
+        check_rules(cfg)
+    return cfg
 
 
 def to_dict(cfg) -> dict:
@@ -104,6 +159,9 @@ def read_mapping(path, hint: str = "") -> dict:
         raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config{hint}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except (UnicodeDecodeError, ValueError) as e:  # a binary file; YAML's reader errors too
+        raise UserError(f"config file {path} is not a text YAML file ({type(e).__name__}); "
+                        "pass the YAML config, not a checkpoint or archive") from None
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -130,7 +188,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"override {item!r} is not of the form key=value (e.g. train.epochs=2)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise UserError(f"override {item!r}: the value is not valid YAML "
+                            f"({str(e).splitlines()[0]}); quote it or fix the brackets") from None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

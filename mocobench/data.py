@@ -18,11 +18,12 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from mocobench.errors import UserError
+from mocobench.fileio import cache_root
 
 FASHION_MNIST_DIRS = [
     os.environ.get("FASHION_MNIST_DIR", ""),
     "/usr/share/datasets/fashion-mnist",  # Debian package dataset-fashion-mnist
-    str(Path.home() / ".cache" / "moco-bench" / "FashionMNIST" / "raw"),  # torchvision download
+    str(cache_root() / "FashionMNIST" / "raw"),  # torchvision download
 ]
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

@@ -20,14 +20,14 @@ from mocobench import dist
 from mocobench.config import save_config, to_dict
 from mocobench.data import build_dataset, iterate
 from mocobench.errors import UserError
-from mocobench.fileio import atomic_torch_save, ensure_room, tensor_digest
+from mocobench.fileio import PRETRAIN_CHECKPOINT_FORMAT, atomic_torch_save, ensure_room, git_sha, tensor_digest
 from pretrain.builder import Supervised, backbone
 from pretrain.config import PretrainConfig, bn_splits, check, method_name
 from pretrain.data import EpochSampler, TwoCrops, eval_transform, moco_augmentation
 from pretrain.device_augment import WorkerHalf, colour_batch
 from pretrain.dictionary import ConsistencyProbe, build_contrastive, key_encoder, max_key_age
 
-CHECKPOINT_FORMAT = "moco-bench.pretrain/1"
+CHECKPOINT_FORMAT = PRETRAIN_CHECKPOINT_FORMAT
 LAST = "checkpoint_last.pth"
 
 
@@ -66,7 +66,7 @@ def save_checkpoint(path, model, optimizer, scaler, cfg, epoch, epoch_step, step
         "image_size": cfg.data.image_size,
         "config": to_dict(cfg),
         "world_size": dist.get_world_size(),
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
     }
     ckpt["checksum"] = tensor_digest(ckpt)
     try:
@@ -117,16 +117,6 @@ def check_disk_space(out: Path, model: nn.Module, optimizer) -> None:
     n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     n_bytes += sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
     ensure_room(out, 2 * n_bytes, "checkpoints")
-
-
-def _git_sha():
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except Exception:
-        return None
 
 
 # ============ kNN monitor ============

@@ -14,7 +14,7 @@ import torchvision
 from mocobench.errors import UserError
 from converters import build_resnet, load_backbone, to_detectron2, to_mmseg, to_torchvision
 from converters import archs
-from converters.loader import PRETRAIN_FORMAT
+from mocobench.fileio import PRETRAIN_CHECKPOINT_FORMAT as PRETRAIN_FORMAT
 from converters.names import d2_to_tv, tv_to_d2
 
 ROOT = Path(__file__).resolve().parents[1]

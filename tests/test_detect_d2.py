@@ -120,7 +120,7 @@ def moco_r18(tmp_path_factory):
 
 def test_voc_layout_train_and_evaluate(moco_r18, tmp_path):
     r = _run(CONFIGS / "demo_scenes_voc_R18_FPN.yaml", moco_r18, tmp_path)
-    assert r["engine"] == "detectron2" and r["protocol"] == "demo_scenes_voc_R18_FPN"
+    assert r["engine"] == "detectron2" and r["protocol"]["name"] == "demo_scenes_voc_R18_FPN"
     assert set(r["metrics"]) == {"AP", "AP50", "AP75"}
     assert all(math.isfinite(v) and 0 <= v <= 100 for v in r["metrics"].values())
     assert r["dataset"]["splits"] == {"scenes_voc_train": 8, "scenes_voc_val": 4}

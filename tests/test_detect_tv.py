@@ -49,7 +49,7 @@ def _run(config, weights, out, extra=()):
 def test_fpn_faster_rcnn_on_voc_layout(r18_weights, tmp_path):
     r = _run(CONFIGS / "demo_scenes_voc_R18_FPN.yaml", r18_weights, tmp_path)
     assert r["task"] == "detect" and r["engine"] == "torchvision"
-    assert r["protocol"] == "demo_scenes_voc_R18_FPN@torchvision"
+    assert r["protocol"]["name"] == "demo_scenes_voc_R18_FPN@torchvision"
     assert set(r["metrics"]) == {"AP", "AP50", "AP75"}
     assert all(math.isfinite(v) and 0 <= v <= 100 for v in r["metrics"].values())
     assert r["dataset"]["splits"] == {"scenes_voc_train": 8, "scenes_voc_val": 4}
@@ -71,7 +71,7 @@ def test_c4_extra_norm_mask_rcnn_on_coco_layout(r18_weights, tmp_path):
              "MODEL.ANCHOR_GENERATOR.SIZES", "[[16, 32, 64]]",
              "DATASETS.TRAIN", "('scenes_coco_train',)", "DATASETS.TEST", "('scenes_coco_val',)"]
     r = _run(CONFIGS / "pascal_voc_R_50_C4_24k.yaml", r18_weights, tmp_path, extra)
-    assert r["protocol"] == "pascal_voc_R_50_C4_24k@torchvision"
+    assert r["protocol"]["name"] == "pascal_voc_R_50_C4_24k@torchvision"
     assert set(r["metrics"]) == {"AP", "AP50", "AP75", "mask_AP", "mask_AP50", "mask_AP75"}
     assert all(math.isfinite(v) for v in r["metrics"].values())
     state = torch.load(tmp_path / "model_final.pth", weights_only=True)

@@ -9,7 +9,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from pretrain.data import TwoCrops, moco_augmentation
+from pretrain.data import TwoCrops
 from pretrain.device_augment import (BLUR, FACTORS, GRAY, JITTER, ORDER, SIGMA, Recipe, WorkerHalf,
                                      colour_batch)
 

@@ -120,7 +120,7 @@ def test_second_run_hits_the_cache_without_extracting(runs):
 
 def test_results_files_follow_the_schema(runs, signal_weights):
     rec = read_results(runs["signal_fast"]["path"])  # validates against the schema
-    assert rec["task"] == "linear" and rec["protocol"] == "fast"
+    assert rec["task"] == "linear" and rec["protocol"]["name"] == "fast"
     assert rec["engine"] in ("sklearn", "torch")
     assert rec["dataset"]["name"] == "fashion-mnist"
     assert rec["dataset"]["splits"] == {"train": 800, "val": 400}
@@ -205,7 +205,7 @@ def test_paper_cli_writes_results_and_resumes(signal_weights, tmp_path, capsys):
 
     first = main_linear(args)
     rec = read_results(first["path"])
-    assert rec["protocol"] == "paper" and rec["engine"] == "torch"
+    assert rec["protocol"]["name"] == "paper" and rec["engine"] == "torch"
     assert rec["config"]["paper"]["epochs"] == 1 and "features" not in rec["config"]
     assert "lr 0.25 = 1 x 64/256" in capsys.readouterr().out
     second = main_linear(args)  # the checkpoint says epoch 1 of 1: nothing left to train

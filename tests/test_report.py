@@ -28,7 +28,7 @@ def fixture_runs(*subdirs):
     for sub in subdirs:
         for p in sorted((GOOD / sub).rglob("results.json")):
             r = json.loads(p.read_text())
-            key = (r["weights"]["label"], f"{r['engine']} / {r['protocol']}")
+            key = (r["weights"]["label"], f"{r['engine']} / {r['protocol']['name']}")
             if r.get("status", "ok") == "ok":
                 runs.setdefault(key, []).append(r["metrics"])
             else:
@@ -100,7 +100,7 @@ def test_missing_row_is_shown_with_its_reason(tables):
     grid = rp.render([t], "grid")
     assert key[0] in grid and "missing" in grid and rec["reason"] in grid
     # a missing supervised row must not become the default baseline
-    assert f"baseline for sklearn / fast: supervised (same data)" in t["notes"]
+    assert "baseline for sklearn / fast: supervised (same data)" in t["notes"]
 
 
 def test_failed_row_and_detectron2_mask_metrics(tables):
@@ -201,7 +201,7 @@ def test_every_format_parses(tables):
 
 def test_nan_metric_keeps_json_valid(tmp_path):
     src = json.loads((GOOD / "knn" / "moco_v2" / "results.json").read_text())
-    src["metrics"]["knn_top1"] = float("nan")  # write_results turns a failed metric into NaN
+    src["metrics"]["knn_top1"] = None  # write_results writes an undefined metric as null
     (tmp_path / "n").mkdir()
     (tmp_path / "n" / "results.json").write_text(json.dumps(src))
     (t,) = rp.build_tables(rp.load_results([tmp_path]))
@@ -267,7 +267,7 @@ def test_two_published_settings_in_one_table(tmp_path):
     # COCO FPN 2x and C4 2x results on one dataset: one table, each paper block beside its protocol
     shutil.copytree(GOOD / "detect_coco", tmp_path / "fpn")
     src = json.loads((GOOD / "detect_coco" / "moco_v1" / "results.json").read_text())
-    src["protocol"] = src["config"]["name"] = "coco_R_50_C4_2x"
+    src["protocol"]["name"] = src["config"]["name"] = "coco_R_50_C4_2x"
     src["metrics"] = {"AP": 40.1, "AP50": 60.2, "AP75": 43.5}
     (tmp_path / "c4").mkdir()
     (tmp_path / "c4" / "results.json").write_text(json.dumps(src))
@@ -300,7 +300,7 @@ def test_two_published_settings_in_one_table(tmp_path):
     ("linear", "fast", "imagenet", None),
 ])
 def test_each_paper_protocol_matches_one_anchor(task, protocol, dataset, anchor_id):
-    record = {"task": task, "protocol": protocol, "config": {}, "dataset": {"name": dataset}}
+    record = {"task": task, "protocol": {"name": protocol}, "config": {}, "dataset": {"name": dataset}}
     hits = [a["id"] for a in ANCHORS if rp._matches(a, record)]
     assert hits == ([anchor_id] if anchor_id else [])
 
@@ -317,7 +317,7 @@ def test_paper_numbers_are_consistent_data():
 def test_segmentation_paper_rows_carry_the_protocol_caveat(tmp_path):
     for name in ("supervised", "moco_v2"):
         src = json.loads((GOOD / "segment_demo" / name / "results.json").read_text())
-        src["dataset"]["name"], src["protocol"] = "voc12aug", "fcn_r50_d8_512x512_20k"
+        src["dataset"]["name"], src["protocol"]["name"] = "voc12aug", "fcn_r50_d8_512x512_20k"
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(src))
     (t,) = rp.build_tables(rp.load_results([tmp_path]))
@@ -333,7 +333,7 @@ def test_torchvision_engine_on_a_paper_config_gets_a_caveat(tmp_path):
     # transfer/detect names the protocol "<config stem>@torchvision" for its own engine
     for name in ("supervised", "moco_v1_s0"):
         src = json.loads((GOOD / "detect_voc" / name / "results.json").read_text())
-        src["engine"], src["protocol"] = "torchvision", "pascal_voc_R_50_C4_24k@torchvision"
+        src["engine"], src["protocol"]["name"] = "torchvision", "pascal_voc_R_50_C4_24k@torchvision"
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(src))
     (t,) = rp.build_tables(rp.load_results([tmp_path]))

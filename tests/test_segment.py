@@ -299,7 +299,7 @@ def test_demo_trains_and_evaluates_with_moco_weights_in_every_backbone_tensor(mo
     r = read_results(out / "results.json")
     assert (r["task"], r["engine"], r["dataset"]["name"]) == ("segment", "mmseg", "fmnist-scenes")
     assert r["dataset"]["splits"] == {"train": 16, "test": 6}
-    assert r["protocol"].endswith("max_iters=4")  # a shortened run is labelled as such
+    assert r["protocol"]["name"].endswith("max_iters=4")  # a shortened run is labelled as such
     assert r["weights"]["layout"] == "moco-bench"
     assert set(r["metrics"]) == {"mIoU", "mAcc", "aAcc"}
     assert all(math.isfinite(v) and 0.0 <= v <= 100.0 for v in r["metrics"].values())

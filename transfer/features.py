@@ -13,7 +13,6 @@ image's content under the same name is not detected (delete the cache then).
 """
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from torchvision import transforms as T
 
 from mocobench import dist
 from mocobench.errors import UserError
-from mocobench.fileio import atomic_torch_save
+from mocobench.fileio import atomic_torch_save, cache_root
 from mocobench.knn import extract_features
 from transfer.results import weights_record
 
@@ -199,11 +198,7 @@ def extract_dataset(model, ds, device, batch_size: int, num_workers: int, desc: 
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("MOCO_BENCH_CACHE")
-    if root:
-        return Path(root).expanduser() / "features"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "moco-bench" / "features"
+    return cache_root() / "features"
 
 
 def cache_key(description: dict) -> str:

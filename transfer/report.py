@@ -97,14 +97,18 @@ def _label(record) -> str:
     return str(w.get("label") or Path(w.get("path") or "random init").stem)
 
 
+def _protocol_name(record) -> str:
+    return (record.get("protocol") or {}).get("name", "")
+
+
 def _setting(record) -> str:
-    return f"{record['engine']} / {record['protocol']}"
+    return f"{record['engine']} / {_protocol_name(record)}"
 
 
 def _matches(anchor, record) -> bool:
-    if anchor["task"] != record["task"] or "demo" in record["protocol"].lower():
+    if anchor["task"] != record["task"] or "demo" in _protocol_name(record).lower():
         return False
-    names = [record["protocol"]] + [record["config"].get(k) for k in ("name", "config", "config_file")]
+    names = [_protocol_name(record)] + [record["config"].get(k) for k in ("name", "config", "config_file")]
     if anchor["protocol"] and not any(isinstance(n, str) and re.search(anchor["protocol"], n, re.I)
                                       for n in names):
         return False
@@ -180,7 +184,8 @@ def _group_rows(records) -> dict:
             continue
         row.seeds.append(r["seed"])
         for name, v in r["metrics"].items():
-            row.values.setdefault(canonical_metric(name), []).append(float(v))
+            row.values.setdefault(canonical_metric(name), []).append(
+                float("nan") if v is None else float(v))
     return rows
 
 
@@ -301,8 +306,11 @@ def build_tables(records, baseline: str | None = None, digits: int = 1, paper: b
     for task, ds in [k for k in groups if not k[1]]:
         named = [k for k in groups if k[0] == task and k[1]]
         for key in named:
-            ran = {(r["engine"], r["protocol"]) for r in groups[key]}
-            setting = dict(zip(("engine", "protocol"), ran.pop())) if len(ran) == 1 else {}
+            ran = {(r["engine"], json.dumps(r["protocol"], sort_keys=True)) for r in groups[key]}
+            setting = {}
+            if len(ran) == 1:
+                engine, protocol = ran.pop()
+                setting = {"engine": engine, "protocol": json.loads(protocol)}
             groups[key] += [{**r, **setting} for r in groups[(task, ds)]]
         if named:
             del groups[(task, ds)]

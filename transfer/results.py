@@ -1,51 +1,88 @@
 """The results file every transfer task writes, and the only thing `report` reads.
 
-Schema (``DIR/results.json``, version 1)::
+Schema (``DIR/results.json``, version 2)::
 
     {
-      "schema": "moco-bench.results/1",
-      "task": "linear" | "knn" | "detect" | "segment",
-      "dataset": {"name": str, "splits": {split name: number of images}},
+      "schema": "moco-bench.results/2",
+      "task": "linear" | "knn" | "detect" | "segment" | ...,
+      "dataset": {"name": str, "splits": {split name: number of images}, ...},
       "weights": {"path": str, "sha256": str, "label": str, "layout": str},
       "engine": str,           # e.g. "sklearn", "torch", "detectron2", "torchvision", "mmseg"
-      "protocol": str,         # e.g. "fast", "paper", "voc_c4_24k", "demo"
+      "protocol": {...},       # what was measured, and how: see protocol_record below
+      "outcomes": {"kind": str, "files": [str]},   # per-example outcomes beside results.json
+                               # (transfer/outcomes.py); absent when the task kept none
       "config": {...},         # the resolved config, every value that was used
-      "seed": int,
+      "seed": int,             # the task's own seed (fine-tuning / probe / episodes)
       "wall_time_s": float,
-      "metrics": {name: float} # flat: top1/top5, knn_top1, AP/AP50/AP75, mIoU/mAcc/aAcc
+      "metrics": {name: float | null}  # flat: top1/top5, knn_top1, AP/AP50/AP75, mIoU/...;
+                               # null: undefined on this data (e.g. AP of a class without boxes)
       "created": ISO-8601 time, "git_sha": str | null,
       "status": "ok" | "missing" | "failed",  # optional, absent means "ok"
       "reason": str            # optional; required when status is not "ok"
     }
 
+``protocol`` (see ``protocol_record``) is derived from the resolved run, never from a
+config's file name: two results are compared only when their ``protocol["id"]`` is equal,
+and published numbers are shown only beside a protocol that matches theirs field by field.
+
 A row that could not be produced (e.g. the supervised ImageNet weights are not
 on this machine, or the task crashed) is still written, with ``"metrics": {}``,
 ``status`` "missing" or "failed" and a one-line ``reason``, so ``report`` shows
-it as such instead of silently dropping it.
+it as such instead of silently dropping it; its protocol may be ``{}``.
 """
 import datetime
+import hashlib
+import json
 import math
-import subprocess
 from pathlib import Path
 
 from mocobench.errors import UserError
-from mocobench.fileio import atomic_json, sha256_file
+from mocobench.fileio import atomic_json, git_sha, sha256_file
 
-SCHEMA = "moco-bench.results/1"
+SCHEMA = "moco-bench.results/2"
 STATUSES = ("ok", "missing", "failed")
 REQUIRED = {
     "schema": str, "task": str, "dataset": dict, "weights": dict, "engine": str,
-    "protocol": str, "config": dict, "seed": int, "wall_time_s": float, "metrics": dict,
+    "protocol": dict, "config": dict, "seed": int, "wall_time_s": float, "metrics": dict,
 }
 
 
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or None
-    except Exception:
-        return None
+# The fields of a protocol record; all but "name" define it (its "id" is their hash).
+PROTOCOL_FIELDS = ("name", "task", "engine", "metric", "schedule", "input", "dataset")
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def dataset_fingerprint(classes, splits: dict) -> str:
+    """sha256 of the class names and of each split's members (file names, ids or indices,
+    in the split's order): two runs on different images or class lists differ here even
+    when names and sizes agree."""
+    return _digest({"classes": [str(c) for c in classes],
+                    "splits": {k: [str(m) for m in v] for k, v in sorted(splits.items())}})
+
+
+def protocol_record(*, name: str, task: str, engine: str, metric: dict, schedule: dict,
+                    input: dict, dataset: dict) -> dict:
+    """What a result was measured under, from the resolved run:
+
+    name      short human name, shown in table headers ("fast", "voc_c4_24k", ...)
+    task      the task
+    engine    what computed it (and its metric code): detectron2, torchvision, mmseg, sklearn...
+    metric    {metric name: its definition}, e.g. {"AP50": "VOC07 11-point AP at IoU 0.5"}
+    schedule  every training value that changes the number: iterations or epochs, lr, batch,
+              warmup, steps, l2 grid, k, ... (empty for kNN-like tasks without training)
+    input     train / test image sizes, crops, normalisation
+    dataset   {"name", "splits": {split: size}, "classes": number, "fingerprint": see
+              dataset_fingerprint} of the data actually read
+
+    Returns those fields plus "id", the hash of all but the name: results are comparable
+    exactly when their ids are equal."""
+    record = {"name": name, "task": task, "engine": engine, "metric": metric,
+              "schedule": schedule, "input": input, "dataset": dataset}
+    record["id"] = _digest({k: v for k, v in record.items() if k != "name"})[:16]
+    return record
 
 
 def weights_record(path, label: str | None = None, layout: str | None = None) -> dict:
@@ -68,16 +105,26 @@ def validate(record: dict, where: str = "results") -> dict:
     if record["schema"] != SCHEMA:
         raise UserError(f"{where}: schema {record['schema']!r} is not {SCHEMA!r}")
     for name, v in record["metrics"].items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
             raise UserError(f"{where}: metric {name!r} is not a number: {v!r}")
     status = record.get("status", "ok")
     if status not in STATUSES:
         raise UserError(f"{where}: status {status!r} is not one of {', '.join(STATUSES)}")
     if status != "ok" and not isinstance(record.get("reason"), str):
         raise UserError(f"{where}: status {status!r} needs a 'reason' string saying what to do")
-    for key in ("name", "splits"):
-        if key not in record["dataset"]:
-            raise UserError(f"{where}: dataset lacks {key!r}")
+    if status == "ok":
+        missing = [k for k in (*PROTOCOL_FIELDS, "id") if k not in record["protocol"]]
+        if missing:
+            raise UserError(f"{where}: protocol lacks {', '.join(missing)}; re-run the task with "
+                            "this version")
+    outcomes = record.get("outcomes")
+    if outcomes is not None and not (isinstance(outcomes, dict) and isinstance(outcomes.get("kind"), str)
+                                     and isinstance(outcomes.get("files"), list)):
+        raise UserError(f"{where}: outcomes should be {{'kind': str, 'files': [str]}}")
+    if not isinstance(record["dataset"].get("name"), str):
+        raise UserError(f"{where}: dataset lacks a 'name' string")
+    if not isinstance(record["dataset"].get("splits"), dict):
+        raise UserError(f"{where}: dataset lacks 'splits', a mapping of split name to size")
     for key in ("path", "sha256", "label"):
         if key not in record["weights"]:
             raise UserError(f"{where}: weights lacks {key!r}")
@@ -85,17 +132,25 @@ def validate(record: dict, where: str = "results") -> dict:
 
 
 def write_results(out_dir, *, task: str, dataset: dict, weights: dict, engine: str,
-                  protocol: str, config: dict, seed: int, wall_time_s: float,
-                  metrics: dict, status: str = "ok", reason: str | None = None) -> Path:
+                  protocol: dict, config: dict, seed: int, wall_time_s: float,
+                  metrics: dict, outcomes: dict | None = None, status: str = "ok",
+                  reason: str | None = None) -> Path:
+    """Validate and write out_dir/results.json atomically. `outcomes`: the record
+    transfer.outcomes' savers return for the per-example file(s) written beside it."""
+    if isinstance(protocol, str):  # TRANSITION: every task will pass protocol_record(...)
+        protocol = protocol_record(name=protocol, task=task, engine=engine, metric={},
+                                   schedule={"legacy": True}, input={}, dataset=dict(dataset))
     record = {
         "schema": SCHEMA, "task": task, "dataset": dataset, "weights": weights,
         "engine": engine, "protocol": protocol, "config": config, "seed": int(seed),
         "wall_time_s": float(wall_time_s),
-        "metrics": {k: (float(v) if v is not None and math.isfinite(float(v)) else float("nan"))
+        "metrics": {k: (float(v) if v is not None and math.isfinite(float(v)) else None)
                     for k, v in metrics.items()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_sha": git_sha(),
     }
+    if outcomes is not None:
+        record["outcomes"] = outcomes
     if status != "ok" or reason is not None:
         record["status"], record["reason"] = status, reason
     validate(record)
@@ -105,13 +160,19 @@ def write_results(out_dir, *, task: str, dataset: dict, weights: dict, engine: s
 
 
 def read_results(path) -> dict:
-    import json
-
     path = Path(path)
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(), parse_constant=_refuse_constant)
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; point report at folders holding results.json") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-run that task") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file; re-run that task") from None
+    except (json.JSONDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}); re-run that task") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} holds a {type(record).__name__}, not a results record; re-run that task")
     return validate(record, str(path))
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not strict JSON")

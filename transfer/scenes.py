@@ -61,6 +61,7 @@ from PIL import Image
 
 from mocobench.data import FASHION_MNIST_CLASSES, fashion_mnist
 from mocobench.errors import UserError
+from mocobench.fileio import cache_root
 
 CLASSES = list(FASHION_MNIST_CLASSES)
 GAP = 2  # pixels between items, so masks never touch and boxes never overlap
@@ -260,9 +261,8 @@ def write_mmseg(root, splits: dict[str, list[Scene]]) -> Path:
 
 
 def default_root() -> Path:
-    """Where demo scenes are cached: $MOCO_BENCH_CACHE/scenes or ~/.cache/moco-bench/scenes."""
-    base = os.environ.get("MOCO_BENCH_CACHE") or str(Path.home() / ".cache" / "moco-bench")
-    return Path(base) / "scenes"
+    """Where demo scenes are cached (mocobench.fileio.cache_root()/scenes)."""
+    return cache_root() / "scenes"
 
 
 def _layout(folder: Path) -> dict[str, Path]:
