@@ -1,77 +1,105 @@
 """One command from pretraining to comparison tables.
 
-    python -m transfer bench --config configs/bench/demo.yaml --output DIR
+    python -m transfer bench --config configs/bench/demo.yaml --output DIR [--dry-run] [--wait]
 
-Stages run in order, each in its own folder under DIR:
+Stages, each in its own folder under DIR:
 
     pretrain/<row>/          python -m pretrain (or: the weights file of a baseline row)
     convert/<row>/           python -m converters {torchvision,detectron2,mmseg}, verified
-    <task>/<row>/            python -m transfer {linear,knn,detect,segment} -> results.json
+    <task>/<row>/            python -m transfer TASK (any task of `python -m transfer`) -> results.json
     report/                  python -m transfer report -> tables, report.md, charts
 
-Each stage runs as its own process through the documented CLI, so the bench does
-nothing a user could not do by hand, and a crash in one stage cannot take the
-others down. A stage is skipped when a finished run with the same key exists in
-its folder (``stage.json``: the hash of its command, the config files it reads
-and the weights it evaluates), so an interrupted bench resumes where it stopped
-(pretraining itself resumes from its last checkpoint) and a re-run is instant.
-A failed stage is reported and written as a "failed" row; stages that depend on
-it are marked so and the others still run. With ``jobs: N`` independent stages
-run N at a time (each row's pretrain + convert, then the tasks).
+With ``seeds:`` a pretraining row becomes one run per pretraining seed (<row>-seed<S>) and a
+task one stage per fine-tuning seed (<task>/<row>/seed<S>); rows sharing a label are
+aggregated by `report`.
+
+Each stage runs as its own process through the documented CLI (argv lists, no shell), so
+the bench does nothing a user could not do by hand, and a crash in one stage cannot take
+the others down. A stage is skipped when a finished run with the same key exists in its
+folder (``stage.json``: the hash of its command, the config files it reads, its seed and
+the keys of the stages it depends on) and its outputs are still there, so an interrupted
+bench resumes where it stopped (pretraining itself resumes from its last checkpoint) and a
+re-run is instant. A failed stage is written as a "failed" row; stages that depend on it
+are marked so and the others still run.
+
+Executors (``executor:`` in the config): ``local`` runs the stages on this machine,
+``jobs`` at a time; ``slurm`` submits each stage as a SLURM job through submitit, with
+its resources from ``slurm.resources`` and SLURM ``afterok`` dependencies, then exits (or
+waits with --wait); running the bench again collects what finished and submits nothing
+that is still queued or running. The whole config is checked before anything runs;
+--dry-run prints each stage's command and resources (and sbatch script) and runs nothing.
 """
 import argparse
-import contextlib
-import hashlib
-import json
-import os
 import re
-import subprocess
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mocobench.config import load_config, read_yaml
-from mocobench.errors import UserError, cli, one_line
-from mocobench.fileio import atomic_json, ensure_room, sha256_file
-from transfer.results import weights_record, write_results
+from mocobench.config import check_rules, from_dict, load_config, setting
+from mocobench.errors import UserError, cli
 
-# Free space a stage needs at least (logs, results, a feature cache of the demo's size).
-STAGE_MIN_FREE = 256 * 2**20
-
-# torchvision's ImageNet-1k ResNet-50 weights, by file name as torch.hub caches them.
-IMAGENET_RESNET50_FILES = {
-    "resnet50-0676ba61.pth": "ResNet50_Weights.IMAGENET1K_V1 (76.1 top-1), "
-                             "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-    "resnet50-11ad3fa6.pth": "ResNet50_Weights.IMAGENET1K_V2 (80.9 top-1), "
-                             "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
-}
+FORMATS = ("torchvision", "detectron2", "mmseg")
+KINDS = ("pretrain", "checkpoint", "imagenet_supervised", "random")
+NOT_TASKS = ("bench", "report")  # `python -m transfer` commands that are not transfer tasks
+STAGE_FOLDERS = ("pretrain", "convert", "report", "slurm")
 
 
 @dataclass
 class Pretraining:
-    label: str  # the row name in every table
+    label: str = ""  # the row name in every table
     # pretrain: train with `python -m pretrain --config CONFIG`; checkpoint: an existing file
-    # (PATH); imagenet_supervised: torchvision's ImageNet weights from PATH or torch's hub
-    # cache; random: a seeded random initialisation of ARCH
-    kind: str = "pretrain"
+    # (PATH); imagenet_supervised: torchvision's ImageNet weights of ARCH from PATH, torch's hub
+    # cache, or downloaded from URL (default: torchvision's own); random: a seeded random
+    # initialisation of ARCH
+    kind: str = setting("pretrain", choices=KINDS)
     config: str = ""
     overrides: list[str] = field(default_factory=list)
     path: str = ""
+    url: str = ""
     arch: str = "resnet50"
-    seed: int = 0
-    nproc: int = 1  # processes for pretraining (torchrun --nproc_per_node), e.g. 8 GPUs
+    seed: int = 0  # of kind random
+    # pretraining seeds: one run each (train.seed=S for kind pretrain, the draw for random)
+    seeds: list[int] = field(default_factory=list)
+    nproc: int = setting(1, ge=1)  # processes per node (torchrun --nproc_per_node), e.g. 8 GPUs
+    resources: dict = field(default_factory=dict)  # SLURM resources of this row's pretraining
 
 
 @dataclass
 class Task:
-    name: str  # folder name, e.g. linear
-    task: str  # linear | knn | detect | segment
+    name: str = ""  # folder name, e.g. linear
+    task: str = ""  # a task of `python -m transfer`: linear, knn, detect, segment, ...
     args: list[str] = field(default_factory=list)  # the task's own CLI arguments
     rows: list[str] = field(default_factory=list)  # labels to evaluate (empty: every row)
-    nproc: int = 1  # >1: launched with torchrun (linear paper protocol, segment --launcher pytorch)
+    seeds: list[int] = field(default_factory=list)  # fine-tuning seeds: one stage each
+    # how the task takes a seed, {seed} replaced (default: see bench_plan.SEED_ARGS)
+    seed_args: list[str] = field(default_factory=list)
+    nproc: int = setting(1, ge=1)  # >1: launched with torchrun (or Detectron2's launcher)
+    resources: dict = field(default_factory=dict)  # SLURM resources of this task's stages
+
+
+@dataclass
+class Resources:
+    """What one stage asks SLURM for. One task per node starts the tool's own launcher."""
+    nodes: int = setting(1, ge=1)
+    gpus_per_node: int = setting(0, ge=0)
+    cpus_per_task: int = setting(2, ge=1)  # per node
+    mem_gb: float = setting(8.0, gt=0)  # per node
+    time_min: int = setting(60, ge=1)
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    sbatch: list[str] = field(default_factory=list)  # more flags, e.g. ["--exclusive"]
+
+
+@dataclass
+class SlurmSettings:
+    # stage kind (pretrain, convert, report, or a task such as detect) -> Resources fields;
+    # "default" applies to every kind, a row's or task's own `resources` last
+    resources: dict = field(default_factory=dict)
+    signal_delay_s: int = setting(120, ge=10)  # USR2 this long before the time limit: requeue
+    max_requeues: int = setting(3, ge=0)  # time-outs a stage may be requeued after
+    poll_s: float = setting(30.0, gt=0)  # --wait: how often squeue is asked
 
 
 @dataclass
@@ -80,294 +108,173 @@ class BenchConfig:
     scale: str = ""  # printed at start: what scale this bench runs at, honestly
     pretrainings: list[Pretraining] = field(default_factory=list)
     tasks: list[Task] = field(default_factory=list)
-    formats: list[str] = field(default_factory=lambda: ["torchvision", "detectron2", "mmseg"])
+    formats: list[str] = setting(list(FORMATS), choices=FORMATS)
     report_format: str = "github"
-    # Stages run at once. Pretraining and converting a row is one chain, chains run side by
-    # side, then the tasks do; each stage gets cores/jobs threads. On a 2-core CPU two 1-thread
-    # processes get more done than one 2-thread process (small tensors, per-op overhead): the
-    # demo bench takes 9:31-9:39 with 2 and 13:29 with 1. On a GPU node leave it at 1: each stage
-    # already fills the node (nproc).
-    jobs: int = 1
+    # Stages run at once (executor local). Stages run as soon as what they need is done,
+    # `jobs` at a time; each gets cores/jobs threads. On a 2-core CPU two 1-thread processes
+    # get more done than one 2-thread process (small tensors, per-op overhead): the demo bench
+    # takes 9:31-9:39 with 2 and 13:29 with 1. On a GPU node leave it at 1: each stage already
+    # fills the node (nproc).
+    jobs: int = setting(1, ge=1)
+    executor: str = setting("local", choices=("local", "slurm"))
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
 
 
 def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "row"
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# ----------------------------------------------------------------------------- validation
+
+def _task_names() -> list[str]:
+    from transfer.__main__ import TASKS
+
+    return [name for name in TASKS if name not in NOT_TASKS]
 
 
-def _files_in(args: list[str]) -> dict[str, str]:
-    """Content hashes of every argument that names a file (configs), so editing one re-runs."""
-    return {a: sha256_file(a) for a in args if os.path.isfile(a)}
+def resources_for(cfg: BenchConfig, kind: str, own: dict, where: str) -> Resources:
+    """Resources of one stage: the defaults, slurm.resources.default, slurm.resources[kind],
+    then the row's or task's own `resources`, each checked against Resources' fields."""
+    merged: dict = {}
+    for part, name in ((cfg.slurm.resources.get("default") or {}, "slurm.resources.default"),
+                       (cfg.slurm.resources.get(kind) or {}, f"slurm.resources.{kind}"),
+                       (own or {}, f"{where}.resources")):
+        if not isinstance(part, dict):
+            raise UserError(f"bench config: {name} must be a mapping of resource fields, not {part!r}")
+        merged.update(part)
+    try:
+        res = from_dict(Resources, merged)
+    except UserError as e:
+        raise UserError(f"bench config, resources of {where}: {e}") from None
+    for flag in res.sbatch:
+        if not flag.startswith("--"):
+            raise UserError(f"bench config, resources of {where}: sbatch flag {flag!r} must be a long "
+                            "option such as --exclusive or --reservation=NAME")
+    return res
 
 
-def _fmt(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
+def _check_pretraining(i: int, p: Pretraining) -> None:
+    from pretrain.config import PretrainConfig
 
-
-def launcher(nproc: int) -> list[str]:
-    """How to start a module: python -m, or torchrun for several processes on this machine."""
-    if nproc <= 1:
-        return [sys.executable, "-m"]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "-m"]
-
-
-def imagenet_weights(path: str) -> Path:
-    """The supervised ImageNet ResNet-50 file, or a UserError saying where to put it."""
-    if path:
-        if Path(path).is_file():
-            return Path(path)
-        raise UserError(f"supervised ImageNet weights {path} do not exist; place the torchvision "
-                        "ResNet-50 file there or remove the path to use torch's hub cache")
-    import torch.hub
-
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    for name in IMAGENET_RESNET50_FILES:
-        if (cache / name).is_file():
-            return cache / name
-    name, source = next(iter(IMAGENET_RESNET50_FILES.items()))
-    raise UserError(f"supervised ImageNet weights not found and this machine cannot download them: "
-                    f"place {name} ({source}) in {cache}/ or give its path in the bench config")
-
-
-class Bench:
-    def __init__(self, cfg: BenchConfig, out: Path):
-        self.cfg, self.out = cfg, out
-        self.python = sys.executable
-        self.weights: dict[str, Path | None] = {}  # row label -> weights file (None: unavailable)
-        self.problem: dict[str, tuple[str, str]] = {}  # row label -> (status, reason)
-        # Every stage, so the ETA can price each remaining one by its kind.
-        self.plan = ([f"pretrain/{slug(p.label)}" for p in cfg.pretrainings]
-                     + [f"convert/{slug(p.label)}" for p in cfg.pretrainings]
-                     + [f"{t.name}/{slug(p.label)}" for t in cfg.tasks for p in self.rows_of(t)]
-                     + ["report"])
-        self.stages_total = len(self.plan)
-        self.remaining = list(self.plan)  # concurrent stages finish out of plan order
-        self.done, self.start = 0, time.perf_counter()
-        self.timed: dict[str, list[float]] = {}  # stage kind -> seconds of stages that ran
-        self.summary: list[tuple[str, str, str]] = []
-        self.lock = threading.Lock()  # progress lines and counters, from concurrent stages
-        self.env = os.environ.copy()
-        if cfg.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
-            # concurrent stages share the cores instead of each taking all of them
-            self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
-
-    def rows_of(self, task: Task) -> list[Pretraining]:
-        return [p for p in self.cfg.pretrainings if not task.rows or p.label in task.rows]
-
-    # ---------------------------------------------------------------- one stage
-    def progress(self, name: str, status: str, seconds: float) -> None:
-        """One line per stage. The ETA prices each remaining stage at the mean time of the
-        stages of its kind (pretrain, convert, a task) that ran to completion; kinds not yet
-        timed are counted, not guessed (a pretraining is not what a kNN costs)."""
-        with self.lock:
-            self._progress(name, status, seconds)
-
-    def _progress(self, name: str, status: str, seconds: float) -> None:
-        self.done += 1
-        self.remaining.remove(name)
-        if status == "done":
-            self.timed.setdefault(name.split("/")[0], []).append(seconds)
-        eta, untimed = 0.0, 0
-        for stage in self.remaining:
-            times = self.timed.get(stage.split("/")[0])
-            if times:
-                eta += sum(times) / len(times) / self.cfg.jobs
-            else:
-                untimed += 1
-        eta_text = f"ETA ~{_fmt(eta)}" + (f" + {untimed} stage(s) not yet timed" if untimed else "")
-        elapsed = time.perf_counter() - self.start
-        print(f"[{self.done:2d}/{self.stages_total}] {name:40s} {status:8s} {_fmt(seconds):>6s}"
-              f"   elapsed {_fmt(elapsed)}, {eta_text}", flush=True)
-        self.summary.append((name, status, _fmt(seconds)))
-
-    def run_stage(self, name: str, folder: Path, key_parts: dict, cmd: list[str] | None = None,
-                  fn=None, need_bytes: int = STAGE_MIN_FREE) -> tuple[bool, str]:
-        """Run `cmd` (a subprocess, output to folder/stage.log) or `fn` unless cached,
-        after checking that `need_bytes` can be written to `folder`. Returns (ok, reason)."""
-        record_path = folder / "stage.json"
-        key = _hash(key_parts)
-        previous = json.loads(record_path.read_text()) if record_path.exists() else {}
-        if previous.get("key") == key and previous.get("status") == "done":
-            self.progress(name, "cached", 0.0)
-            return True, ""
-        tic, started = time.perf_counter(), time.time()
-        reason = ""
+    where = f"pretrainings[{i}] ({p.label!r})"
+    check_rules(p, f"pretrainings[{i}].")
+    if p.kind == "pretrain":
+        if not p.config:
+            raise UserError(f"bench config, {where}: kind pretrain needs config: a pretrain YAML")
         try:
-            ensure_room(folder, need_bytes, f"the {name} stage's outputs")
-            if cmd is not None:
-                with open(folder / "stage.log", "w") as log:
-                    log.write("$ " + " ".join(cmd) + "\n")
-                    log.flush()
-                    code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                          env=self.env).returncode
-                if code != 0:
-                    lines = (folder / "stage.log").read_text(errors="replace").splitlines()
-                    errors = [x for x in lines if x.startswith("error: ")]
-                    reason = (errors[-1][7:] if errors else (lines[-1] if lines else f"exit {code}"))
-                    reason = f"{reason} (log: {folder / 'stage.log'})"
-            else:
-                fn()
+            load_config(PretrainConfig, p.config, p.overrides)
         except UserError as e:
-            reason = one_line(str(e))
-        seconds = time.perf_counter() - tic
-        ok = not reason
-        with contextlib.suppress(OSError):  # an unwritable folder: the reason is printed below
-            atomic_json({"key": key, "status": "done" if ok else "failed", "reason": reason,
-                         "started": round(started, 3), "seconds": round(seconds, 1),
-                         "parts": key_parts}, record_path)
-        self.progress(name, "done" if ok else "FAILED", seconds)
-        if not ok:
-            print(f"      {name}: {reason}", flush=True)
-        return ok, reason
-
-    # ---------------------------------------------------------------- stages
-    def pretrain(self, row: Pretraining) -> None:
-        folder = self.out / "pretrain" / slug(row.label)
-        name = f"pretrain/{slug(row.label)}"
-        if row.kind == "pretrain":
-            config = read_yaml(row.config)  # resolves _base_, so a base edit re-runs too
-            cmd = [*launcher(row.nproc), "pretrain", "--config", row.config, "--output", str(folder),
-                   *row.overrides]
-            ok, reason = self.run_stage(name, folder, {"config": config, "overrides": row.overrides},
-                                        cmd=cmd)
-            self.weights[row.label] = folder / "checkpoint_last.pth" if ok else None
-            if not ok:
-                self.problem[row.label] = ("failed", f"pretraining failed: {reason}")
-        elif row.kind == "random":
-            target = folder / f"random_init_{row.arch}_seed{row.seed}.pth"
-
-            def write_random():
-                import torch
-                import torchvision
-
-                from mocobench.fileio import atomic_torch_save
-
-                torch.manual_seed(row.seed)
-                model = torchvision.models.get_model(row.arch, weights=None)
-                atomic_torch_save(model.state_dict(), target)
-
-            ok, reason = self.run_stage(name, folder, {"arch": row.arch, "seed": row.seed},
-                                        fn=write_random)
-            self.weights[row.label] = target if ok else None
-        else:
-            def locate():
-                path = imagenet_weights(row.path) if row.kind == "imagenet_supervised" else Path(row.path)
-                if not path.is_file():
-                    raise UserError(f"checkpoint {path} of row {row.label!r} does not exist")
-                (folder / "weights.txt").write_text(str(path.resolve()) + "\n")
-
-            if row.kind not in ("checkpoint", "imagenet_supervised"):
-                raise UserError(f"pretraining {row.label!r}: kind must be pretrain, checkpoint, "
-                                f"imagenet_supervised or random, not {row.kind!r}")
-            # never cached: the file may appear or change between runs
-            ok, reason = self.run_stage(name, folder, {"path": row.path, "t": time.time()}, fn=locate)
-            self.weights[row.label] = Path((folder / "weights.txt").read_text().strip()) if ok else None
-            if not ok:
-                self.problem[row.label] = ("missing", reason)
-
-    def convert(self, row: Pretraining) -> None:
-        name = f"convert/{slug(row.label)}"
-        folder = self.out / "convert" / slug(row.label)
-        weights = self.weights.get(row.label)
-        if weights is None:
-            self.progress(name, "skipped", 0.0)
-            return
-        targets = {"torchvision": "torchvision.pth", "detectron2": "detectron2.pkl", "mmseg": "mmseg.pth"}
-        cmd = ["sh", "-c", " && ".join(
-            f"{self.python} -m converters {fmt} '{weights}' '{folder / targets[fmt]}'"
-            for fmt in self.cfg.formats)]
-        ok, reason = self.run_stage(name, folder, {"weights": sha256_file(weights),
-                                                   "formats": self.cfg.formats}, cmd=cmd,
-                                    need_bytes=len(self.cfg.formats) * weights.stat().st_size)
-        if not ok:
-            self.problem[row.label] = ("failed", f"conversion failed: {reason}")
-
-    def task(self, task: Task, row: Pretraining) -> None:
-        name = f"{task.name}/{slug(row.label)}"
-        folder = self.out / task.name / slug(row.label)
-        weights = self.weights.get(row.label)
-        if row.label in self.problem or weights is None:
-            status, reason = self.problem.get(row.label, ("missing", "no weights"))
-            write_results(folder, task=task.task, dataset={"name": "", "splits": {}},
-                          weights={"path": None, "sha256": None, "label": row.label},
-                          engine="", protocol="", config={"args": task.args}, seed=0,
-                          wall_time_s=0.0, metrics={}, status=status, reason=reason)
-            self.progress(name, status, 0.0)
-            return
-        # the task's own arguments last: detect takes trailing KEY VALUE pairs
-        cmd = [*launcher(task.nproc), "transfer", task.task, "--weights", str(weights),
-               "--output", str(folder), "--label", row.label, *task.args]
-        ok, reason = self.run_stage(name, folder, {"args": task.args, "files": _files_in(task.args),
-                                                   "weights": sha256_file(weights)}, cmd=cmd,
-                                    # fine-tuned checkpoints with optimizer state, logs, features
-                                    need_bytes=STAGE_MIN_FREE + 4 * weights.stat().st_size)
-        if not ok:
-            with contextlib.suppress(OSError):  # the folder may be what failed
-                write_results(folder, task=task.task, dataset={"name": "", "splits": {}},
-                              weights=weights_record(weights, row.label), engine="", protocol="",
-                              config={"args": task.args}, seed=0, wall_time_s=0.0, metrics={},
-                              status="failed", reason=reason)
-
-    def run_all(self, stages) -> None:
-        """Call each of `stages`, in order, `jobs` at a time (they are independent)."""
-        if self.cfg.jobs <= 1:
-            for stage in stages:
-                stage()
-            return
-        with ThreadPoolExecutor(self.cfg.jobs) as pool:
-            for future in [pool.submit(stage) for stage in stages]:
-                future.result()  # re-raises a stage's unexpected error here
-
-    def report(self) -> str:
-        from transfer.report import report
-
-        text, _ = report([self.out], fmt=self.cfg.report_format, output=self.out / "report")
-        return text
-
-    def run(self) -> str:
-        print(f"bench {self.cfg.name}: {len(self.cfg.pretrainings)} pretrainings x "
-              f"{len(self.cfg.tasks)} tasks, {self.stages_total} stages -> {self.out}", flush=True)
-        if self.cfg.scale:
-            print(f"scale: {self.cfg.scale}", flush=True)
-        if self.cfg.jobs > 1:
-            print(f"jobs: {self.cfg.jobs} stages at once, "
-                  f"OMP_NUM_THREADS={self.env.get('OMP_NUM_THREADS', 'unset')}", flush=True)
-        self.run_all([lambda r=row: (self.pretrain(r), self.convert(r))
-                      for row in self.cfg.pretrainings])
-        self.run_all([lambda t=task, r=row: self.task(t, r)
-                      for task in self.cfg.tasks for row in self.rows_of(task)])
-        tic = time.perf_counter()
-        try:
-            text, status = self.report(), "done"
-        except UserError as e:  # e.g. no stage could write its results
-            text, status = f"no report: {one_line(str(e))}", "FAILED"
-        self.progress("report", status, time.perf_counter() - tic)
-        print(f"\nbench finished in {_fmt(time.perf_counter() - self.start)}; "
-              f"tables in {self.out / 'report' / 'report.md'}\n", flush=True)
-        print(text, flush=True)
-        return text
+            raise UserError(f"bench config, {where}: {e}") from None
+    elif p.kind == "checkpoint" and not p.path:
+        raise UserError(f"bench config, {where}: kind checkpoint needs path: the weights file")
+    if p.seeds and p.kind not in ("pretrain", "random"):
+        raise UserError(f"bench config, {where}: seeds need a row that trains or draws its weights "
+                        f"(kind pretrain or random), not kind {p.kind}")
+    if len(set(p.seeds)) != len(p.seeds):
+        raise UserError(f"bench config, {where}: seeds repeat: {p.seeds}")
 
 
-def run_bench(config_path, output, overrides: list[str] | None = None) -> str:
-    cfg = load_config(BenchConfig, config_path, overrides)
+def _check_task(t: Task, labels: list[str], tasks: list[str], executor: str) -> None:
+    where = f"task {t.name!r}"
+    check_rules(t, f"task {t.name}.")
+    if t.task not in tasks:
+        raise UserError(f"bench config, {where}: task must be one of {', '.join(tasks)} "
+                        f"(the tasks of python -m transfer), not {t.task!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t.name) or t.name in STAGE_FOLDERS:
+        raise UserError(f"bench config, {where}: name is its folder: letters, digits, _ . - only, "
+                        f"and not {', '.join(STAGE_FOLDERS)}")
+    unknown = [r for r in t.rows if r not in labels]
+    if unknown:
+        raise UserError(f"bench config, {where}: rows {unknown} are not pretraining labels ({labels})")
+    if "--config" in t.args:
+        i = t.args.index("--config")
+        config = t.args[i + 1] if i + 1 < len(t.args) else ""
+        if not Path(config).is_file():
+            raise UserError(f"bench config, {where}: its --config {config!r} does not exist")
+    launcher_flags = {"--num-gpus", "--num-machines", "--machine-rank", "--dist-url", "--launcher"}
+    given = sorted(launcher_flags & set(t.args))
+    if given:
+        raise UserError(f"bench config, {where}: the bench launches the task itself: drop {given} "
+                        "from args and set nproc (processes per node) and resources.nodes instead")
+    if len(set(t.seeds)) != len(t.seeds):
+        raise UserError(f"bench config, {where}: seeds repeat: {t.seeds}")
+    if t.seed_args and not any("{seed}" in a for a in t.seed_args):
+        raise UserError(f"bench config, {where}: seed_args must contain {{seed}}, e.g. [--seed, '{{seed}}']")
+
+
+def _check_launch(cfg: BenchConfig, kind: str, nproc: int, own: dict, where: str, engine: str = "") -> None:
+    res = resources_for(cfg, kind, own, where)
+    if cfg.executor == "local" and own and "nodes" in own and own["nodes"] > 1:
+        raise UserError(f"bench config, {where}: several nodes need executor: slurm")
+    if cfg.executor == "slurm" and res.gpus_per_node and res.gpus_per_node != nproc:
+        raise UserError(f"bench config, {where}: nproc {nproc} processes per node but "
+                        f"gpus_per_node {res.gpus_per_node}: each process takes one GPU; make them equal")
+    if kind == "detect" and (nproc > 1 or res.nodes > 1 and cfg.executor == "slurm") and engine == "auto":
+        raise UserError(f"bench config, {where}: several processes need --engine detectron2 or "
+                        "--engine torchvision in args (the two engines start their processes differently)")
+
+
+def validate(cfg: BenchConfig, where: str, need_cluster: bool = True) -> None:
+    """Every check that can be made before a stage runs, each one line."""
     if not cfg.pretrainings or not cfg.tasks:
-        raise UserError(f"bench config {config_path} needs at least one pretraining and one task")
+        raise UserError(f"bench config {where} needs at least one pretraining and one task")
     labels = [p.label for p in cfg.pretrainings]
+    if not all(labels) or not all(t.name and t.task for t in cfg.tasks):
+        raise UserError(f"bench config {where}: every pretraining needs a label, every task a name "
+                        "and a task")
     if len(set(map(slug, labels))) != len(labels):
-        raise UserError(f"bench config {config_path}: pretraining labels must be distinct: {labels}")
-    if cfg.jobs < 1:
-        raise UserError(f"bench config {config_path}: jobs must be 1 or more, not {cfg.jobs}")
+        raise UserError(f"bench config {where}: pretraining labels must be distinct: {labels}")
+    names = [t.name for t in cfg.tasks]
+    if len(set(names)) != len(names):
+        raise UserError(f"bench config {where}: task names must be distinct: {names}")
+    unknown = set(cfg.slurm.resources) - {"default", "pretrain", "convert", "report", *_task_names()}
+    if unknown:
+        raise UserError(f"bench config {where}: slurm.resources has {sorted(unknown)}; its keys are "
+                        f"default, pretrain, convert, report or a task ({', '.join(_task_names())})")
+    for i, p in enumerate(cfg.pretrainings):
+        _check_pretraining(i, p)
+        if p.kind == "pretrain":  # the other kinds are resolved by the bench itself
+            _check_launch(cfg, "pretrain", p.nproc, p.resources, f"pretrainings[{i}] ({p.label!r})")
+    tasks = _task_names()
     for t in cfg.tasks:
-        if t.task not in ("linear", "knn", "detect", "segment"):
-            raise UserError(f"bench task {t.name!r}: task must be linear, knn, detect or segment")
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    return Bench(cfg, out).run()
+        _check_task(t, labels, tasks, cfg.executor)
+        engine = t.args[t.args.index("--engine") + 1] if "--engine" in t.args[:-1] else "auto"
+        _check_launch(cfg, t.task, t.nproc, t.resources, f"task {t.name!r}", engine)
+    for kind in ("convert", "report"):
+        resources_for(cfg, kind, {}, kind)
+    if cfg.executor == "slurm" and need_cluster:
+        from transfer.executors import slurm_unavailable
+
+        why = slurm_unavailable()
+        if why:
+            raise UserError(f"bench config {where}: executor slurm, but {why}")
+
+
+def load_bench(config_path, overrides=None, need_cluster: bool = True) -> BenchConfig:
+    cfg = load_config(BenchConfig, config_path, overrides)
+    validate(cfg, str(config_path), need_cluster)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def run_bench(config_path, output, overrides: list[str] | None = None, dry_run: bool = False,
+              wait: bool = False):
+    """Check the config, plan every stage, then run them (or print them: dry_run).
+    Returns the outcome (transfer.executors.Outcome)."""
+    from transfer import executors
+    from transfer.bench_plan import plan
+
+    cfg = load_bench(config_path, overrides, need_cluster=not dry_run)
+    out = Path(output).absolute()
+    stages = plan(cfg, out)
+    if dry_run:
+        executors.dry_run(cfg, out, stages)
+        return None
+    from mocobench.fileio import prepare_output
+
+    with prepare_output(out, "bench"):
+        return executors.run(cfg, out, stages, wait=wait)
 
 
 @cli
@@ -376,6 +283,16 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="bench YAML, e.g. configs/bench/demo.yaml")
     p.add_argument("--output", required=True, help="folder for every stage's outputs")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each stage's command and resources (and sbatch script); run nothing")
+    p.add_argument("--wait", action="store_true",
+                   help="executor slurm: wait until every stage and the report are done")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the bench config")
     args = p.parse_args(argv)
-    run_bench(args.config, args.output, args.overrides)
+    outcome = run_bench(args.config, args.output, args.overrides, dry_run=args.dry_run, wait=args.wait)
+    if outcome is not None:
+        outcome.exit()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
