@@ -233,8 +233,10 @@ def validate(cfg: BenchConfig, where: str, need_cluster: bool = True) -> None:
                         f"default, pretrain, convert, report or a task ({', '.join(_task_names())})")
     for i, p in enumerate(cfg.pretrainings):
         _check_pretraining(i, p)
+        where_p = f"pretrainings[{i}] ({p.label!r})"
+        resources_for(cfg, "pretrain", p.resources, where_p)
         if p.kind == "pretrain":  # the other kinds are resolved by the bench itself
-            _check_launch(cfg, "pretrain", p.nproc, p.resources, f"pretrainings[{i}] ({p.label!r})")
+            _check_launch(cfg, "pretrain", p.nproc, p.resources, where_p)
     tasks = _task_names()
     for t in cfg.tasks:
         _check_task(t, labels, tasks, cfg.executor)

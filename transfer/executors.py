@@ -478,8 +478,9 @@ class Slurm:
         for stage in self.stages[:-1]:
             if statuses.get(stage.name) in ("submitted", "queued", "running"):
                 record = runner.read_record(stage.folder)
-                statuses[stage.name] = {"done": "done", "failed": "FAILED"}.get(
-                    record.get("status"), record.get("status", "unknown"))
+                ran = "pid" in record  # else settled for it: a stage it needs failed
+                statuses[stage.name] = ("FAILED" if ran and record.get("status") == "failed"
+                                        else record.get("status", "unknown"))
                 if record.get("reason"):
                     print(f"      {stage.name}: {statuses[stage.name]}: {record['reason']}", flush=True)
         progress.statuses = statuses

@@ -247,9 +247,12 @@ def run(spec: dict, node: int = 0, hosts=(), job_id: str = "", slurm: bool = Fal
         if spec.get("result"):  # a crash below must not leave the previous numbers behind
             (folder / "results.json").unlink(missing_ok=True)
         record["inputs"] = {p: digest(p) for p in spec.get("inputs", [])}
+        previous = read_record(folder)
         write_record(folder, record)
         log_path = folder / "stage.log"
-        log_path.write_text("")
+        requeued = job_id and previous.get("job_id") == job_id and previous.get("status") == "running"
+        if not requeued:  # a requeued job keeps the log of its first attempt
+            log_path.write_text("")
         reason = _run_commands(spec, log_path, node, hosts, job_id, slurm)
     except UserError as e:
         reason = one_line(str(e))
