@@ -9,7 +9,7 @@ OUT ?= runs/demo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test pretrain-demo bench-perf clean
+.PHONY: setup data slurm demo test pretrain-demo bench-perf clean
 
 setup: $(VENV)/.installed
 
@@ -32,13 +32,22 @@ data:
 	@if command -v apt-get >/dev/null && ! dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1; then \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(DEB_PACKAGES); fi
 
+# Where apt-get exists: SLURM and munge, for the tests of the bench's SLURM executor. The tests
+# start a private single-node cluster of their own (tests/slurm_cluster.py: own munge socket,
+# config, ports) and skip, saying why, where they cannot. Under systemd the packages' own
+# services may start too (munge does; slurmd/slurmctld stop at once without /etc/slurm/slurm.conf).
+SLURM_PACKAGES := slurm-wlm munge
+slurm:
+	@if command -v apt-get >/dev/null && ! dpkg -s $(SLURM_PACKAGES) >/dev/null 2>&1; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(SLURM_PACKAGES); fi
+
 demo: setup data
 	$(BIN)/python -m transfer bench --config configs/bench/demo.yaml --output $(OUT)
 
 pretrain-demo: setup data
 	$(BIN)/python -m pretrain --config configs/pretrain/moco_v2_fmnist_demo.yaml --output runs/pretrain-demo
 
-test: setup data
+test: setup data slurm
 	$(BIN)/python -m pytest -q
 
 bench-perf: setup data

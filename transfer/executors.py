@@ -13,6 +13,7 @@ slurm   every stage that is not cached is submitted at once, with ``afterok`` de
         Job states come from squeue, stage outcomes from stage.json (no accounting needed).
 """
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -172,10 +173,14 @@ def _report_text(report: Stage) -> str:
     return ""
 
 
-def _finish_report(report: Stage, progress, tic) -> Outcome:
+def _finish_report(report: Stage, progress, tic, line: bool = True) -> Outcome:
+    """Print the report's line (unless printed already) and its tables; the Outcome."""
     record = runner.read_record(report.folder)
     ok = record.get("key") == report.key and record.get("status") == "done"
-    progress(report.name, "done" if ok else "FAILED", time.perf_counter() - tic)
+    if line:
+        progress(report.name, "done" if ok else "FAILED", time.perf_counter() - tic)
+    else:
+        progress.statuses[report.name] = "done" if ok else "FAILED"
     text = _report_text(report) if ok else f"no report: {record.get('reason') or 'see ' + str(report.folder)}"
     print(f"\nbench finished in {_fmt(time.perf_counter() - progress.start)}; "
           f"tables in {report.folder / 'report.md'}\n", flush=True)
@@ -192,10 +197,10 @@ def _header(cfg, stages) -> None:
 
 def run(cfg, out: Path, stages: list[Stage], wait: bool = False) -> Outcome:
     _header(cfg, stages)
-    plan_path = write_plan(out, stages)
-    if cfg.executor == "slurm":
-        return Slurm(cfg, stages, plan_path).run(wait)
-    return Local(cfg, stages, plan_path).run()
+    plan_path = out / PLAN_FILE
+    executor = Slurm(cfg, stages, plan_path) if cfg.executor == "slurm" else Local(cfg, stages, plan_path)
+    write_plan(out, stages)  # after Local's check: a queued report job reads this file
+    return executor.run(wait) if cfg.executor == "slurm" else executor.run()
 
 
 # ----------------------------------------------------------------------------- local
@@ -203,6 +208,7 @@ def run(cfg, out: Path, stages: list[Stage], wait: bool = False) -> Outcome:
 class Local:
     def __init__(self, cfg, stages: list[Stage], plan_path: Path):
         self.cfg, self.stages, self.plan_path = cfg, stages, plan_path
+        self._refuse_live_jobs()
         self.env = {**os.environ, runner.PARENT_ENV: str(os.getpid())}
         if cfg.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
             # concurrent stages share the cores instead of each taking all of them
@@ -260,7 +266,6 @@ class Local:
         return None
 
     def run(self) -> Outcome:
-        self._refuse_live_jobs()
         if self.cfg.jobs > 1:
             print(f"jobs: {self.cfg.jobs} stages at once, "
                   f"OMP_NUM_THREADS={self.env.get('OMP_NUM_THREADS', 'unset')}", flush=True)
@@ -294,9 +299,7 @@ def slurm_unavailable() -> str | None:
     missing = [c for c in ("sbatch", "squeue", "scancel", "srun") if not shutil.which(c)]
     if missing:
         return f"SLURM's {', '.join(missing)} are not on PATH here (run the bench on a login node)"
-    try:
-        import submitit  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("submitit") is None:
         return "submitit is not installed: pip install submitit"
     return None
 
@@ -484,9 +487,7 @@ class Slurm:
                 if record.get("reason"):
                     print(f"      {stage.name}: {statuses[stage.name]}: {record['reason']}", flush=True)
         progress.statuses = statuses
-        progress.remaining.append(report.name)
-        progress.done -= 1
-        return _finish_report(report, progress, tic)
+        return _finish_report(report, progress, tic, line=False)
 
 
 # ----------------------------------------------------------------------------- dry run
