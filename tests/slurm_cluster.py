@@ -160,10 +160,28 @@ class SlurmCluster:
             time.sleep(0.5)
         raise TimeoutError(f"jobs still live after {seconds} s: {self.jobs()}")
 
+    def _leftovers(self) -> list[int]:
+        """Processes started under this cluster (job steps and their children carry its
+        SLURM_CONF), other than this one."""
+        mark = f"SLURM_CONF={self.root / 'slurm.conf'}".encode()
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                try:
+                    if mark in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                        found.append(int(entry))
+                except OSError:
+                    continue
+        return found
+
     def stop(self) -> None:
         if self.root and (self.root / "slurm.conf").exists() and self.procs:
             subprocess.run([_which("scancel"), "--full", "-u", "root"], env=self.env(),
                            capture_output=True, timeout=30)
+            try:  # let slurmd end its job steps before it goes
+                self.wait_idle(30)
+            except (TimeoutError, RuntimeError, subprocess.TimeoutExpired):
+                pass
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()
@@ -175,6 +193,11 @@ class SlurmCluster:
                 p.wait()
         self.procs = []
         if self.root:
+            for pid in self._leftovers():
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
 

@@ -13,6 +13,7 @@ slurm   every stage that is not cached is submitted at once, with ``afterok`` de
         Job states come from squeue, stage outcomes from stage.json (no accounting needed).
 """
 import contextlib
+import getpass
 import importlib.util
 import json
 import os
@@ -308,8 +309,8 @@ def job_states() -> dict[str, str]:
     """State of each of this user's jobs the controller still knows (finished ones stay for
     MinJobAge): job id -> PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ..."""
     try:
-        out = subprocess.run(["squeue", "--me", "-h", "-t", "all", "-o", "%i|%T"], capture_output=True,
-                             text=True, timeout=120)
+        out = subprocess.run(["squeue", "-u", getpass.getuser(), "-h", "-t", "all", "-o", "%i|%T"],
+                             capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise UserError(f"squeue did not answer ({e}); is the SLURM controller up?") from None
     if out.returncode != 0:
