@@ -446,7 +446,7 @@ class Slurm:
             return None
         record = runner.read_record(report.folder)
         live = self._live_job(report, record)
-        if live and record.get("after") == after:
+        if live and set(after) <= set(record.get("after") or []):  # it already waits for all of them
             progress(report.name, "queued", note=f"   job {live}")
             return live
         if live:
