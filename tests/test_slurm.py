@@ -42,7 +42,7 @@ def cluster():
 
 def write_bench(folder: Path, pretrainings, tasks, **extra) -> Path:
     config = {"name": "slurm-test", "pretrainings": pretrainings, "tasks": tasks,
-              "formats": ["torchvision"], "slurm": SLURM, **extra}
+              "formats": ["torchvision"], "slurm": SLURM, **extra}  # extra may replace slurm
     path = folder / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -109,13 +109,17 @@ def test_a_slurm_bench_gives_the_local_numbers_and_a_rerun_submits_nothing_new(c
     assert set(cluster.jobs()) == jobs_before
 
 
-def test_a_failing_stage_cancels_its_dependants_which_become_failed_rows(cluster, tmp_path):
+@pytest.mark.parametrize("kill_flag", ["yes", "no"], ids=["slurm-cancels", "bench-cancels"])
+def test_a_failing_stage_cancels_its_dependants_which_become_failed_rows(cluster, tmp_path, kill_flag):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
+    # "no": a cluster where SLURM leaves them pending forever (DependencyNeverSatisfied)
+    slurm = {**SLURM, "resources": {"default": {**SLURM["resources"]["default"],
+                                                "sbatch": [f"--kill-on-invalid-dep={kill_flag}"]}}}
     config = write_bench(tmp_path, [
         {"label": "broken", "kind": "checkpoint", "path": str(broken)},
         {"label": "random init", "kind": "random", "arch": "resnet18"},
-    ], [{"name": "knn", "task": "knn", "args": TINY_KNN}])
+    ], [{"name": "knn", "task": "knn", "args": TINY_KNN}], slurm=slurm)
     out = tmp_path / "out"
     text = bench(cluster, config, out, "executor=slurm", "--wait", expect=1)
     recs = records(out)
@@ -126,6 +130,7 @@ def test_a_failing_stage_cancels_its_dependants_which_become_failed_rows(cluster
     assert failed["status"] == "failed" and failed["reason"].startswith("conversion failed")
     assert json.loads((out / "knn/random-init/results.json").read_text()).get("status", "ok") == "ok"
     assert "bench: 1 stage(s) failed: convert/broken" in text
+    assert ("a stage they need failed" in text) == (kill_flag == "no")
 
 
 def _wait_for_step(log: Path, step: int, seconds: float = 300) -> None:

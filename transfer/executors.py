@@ -29,6 +29,9 @@ from mocobench.fileio import atomic_json, ensure_room
 from transfer import stage as runner
 from transfer.bench_plan import Stage
 
+# A job pending on a dependency that failed: SLURM will never start it (it cancels it itself
+# with --kill-on-invalid-dep=yes; some clusters turn that off, or have it broken)
+NEVER = "DEPENDENCY_NEVER_SATISFIED"
 LIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
         "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 PLAN_FILE = "bench_plan.json"
@@ -307,15 +310,29 @@ def slurm_unavailable() -> str | None:
 
 def job_states() -> dict[str, str]:
     """State of each of this user's jobs the controller still knows (finished ones stay for
-    MinJobAge): job id -> PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ..."""
+    MinJobAge): job id -> PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ... or NEVER."""
     try:
-        out = subprocess.run(["squeue", "-u", getpass.getuser(), "-h", "-t", "all", "-o", "%i|%T"],
+        out = subprocess.run(["squeue", "-u", getpass.getuser(), "-h", "-t", "all", "-o", "%i|%T|%r"],
                              capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise UserError(f"squeue did not answer ({e}); is the SLURM controller up?") from None
     if out.returncode != 0:
         raise UserError(f"squeue failed: {one_line(out.stderr or out.stdout)}")
-    return dict(line.split("|", 1) for line in out.stdout.split() if "|" in line)
+    states = {}
+    for line in out.stdout.splitlines():
+        job, state, reason = (line.strip().split("|") + ["", ""])[:3]
+        if job:
+            states[job] = NEVER if state == "PENDING" and reason == "DependencyNeverSatisfied" else state
+    return states
+
+
+def cancel_never_satisfied(states: dict[str, str], ours) -> None:
+    """Cancel our jobs SLURM will never start (a stage they need failed), so that what waits
+    for them with afterany (the report) runs, and their rows say why."""
+    doomed = [j for j in ours if states.get(j) == NEVER]
+    if doomed:
+        subprocess.run(["scancel", *doomed], capture_output=True, timeout=60)
+        print(f"cancelled job(s) {' '.join(doomed)}: a stage they need failed", flush=True)
 
 
 def sbatch_parameters(cfg, stage: Stage, after: list[str], kind: str = "afterok") -> dict:
@@ -386,6 +403,8 @@ class Slurm:
     def __init__(self, cfg, stages: list[Stage], plan_path: Path):
         self.cfg, self.stages, self.plan_path = cfg, stages, plan_path
         self.states = job_states()
+        ours = [str(runner.read_record(s.folder).get("job_id")) for s in stages]
+        cancel_never_satisfied(self.states, ours)
         self.jobs: dict[str, str] = {}  # stage name -> its live job id
         self.new: set[str] = set()  # stages submitted by this invocation
 
@@ -476,7 +495,11 @@ class Slurm:
     def _wait(self, report: Stage, job: str, progress, tic) -> Outcome:
         print(f"\nwaiting for {len(self.jobs)} job(s) (squeue every {self.cfg.slurm.poll_s:g} s)...",
               flush=True)
-        while job_states().get(job) in LIVE:
+        while True:
+            states = job_states()
+            cancel_never_satisfied(states, self.jobs.values())
+            if states.get(job) not in LIVE:
+                break
             time.sleep(self.cfg.slurm.poll_s)
         statuses = dict(progress.statuses)
         for stage in self.stages[:-1]:
