@@ -174,7 +174,7 @@ def _check_pretraining(i: int, p: Pretraining) -> None:
         raise UserError(f"bench config, {where}: seeds repeat: {p.seeds}")
 
 
-def _check_task(t: Task, labels: list[str], tasks: list[str], executor: str) -> None:
+def _check_task(t: Task, labels: list[str], tasks: list[str]) -> None:
     where = f"task {t.name!r}"
     check_rules(t, f"task {t.name}.")
     if t.task not in tasks:
@@ -204,12 +204,12 @@ def _check_task(t: Task, labels: list[str], tasks: list[str], executor: str) -> 
 
 def _check_launch(cfg: BenchConfig, kind: str, nproc: int, own: dict, where: str, engine: str = "") -> None:
     res = resources_for(cfg, kind, own, where)
-    if cfg.executor == "local" and own and "nodes" in own and own["nodes"] > 1:
+    if cfg.executor == "local" and res.nodes > 1:
         raise UserError(f"bench config, {where}: several nodes need executor: slurm")
     if cfg.executor == "slurm" and res.gpus_per_node and res.gpus_per_node != nproc:
         raise UserError(f"bench config, {where}: nproc {nproc} processes per node but "
                         f"gpus_per_node {res.gpus_per_node}: each process takes one GPU; make them equal")
-    if kind == "detect" and (nproc > 1 or res.nodes > 1 and cfg.executor == "slurm") and engine == "auto":
+    if kind == "detect" and nproc * res.nodes > 1 and engine == "auto":
         raise UserError(f"bench config, {where}: several processes need --engine detectron2 or "
                         "--engine torchvision in args (the two engines start their processes differently)")
 
@@ -239,7 +239,7 @@ def validate(cfg: BenchConfig, where: str, need_cluster: bool = True) -> None:
             _check_launch(cfg, "pretrain", p.nproc, p.resources, where_p)
     tasks = _task_names()
     for t in cfg.tasks:
-        _check_task(t, labels, tasks, cfg.executor)
+        _check_task(t, labels, tasks)
         engine = t.args[t.args.index("--engine") + 1] if "--engine" in t.args[:-1] else "auto"
         _check_launch(cfg, t.task, t.nproc, t.resources, f"task {t.name!r}", engine)
     for kind in ("convert", "report"):
