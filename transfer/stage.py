@@ -1,6 +1,7 @@
 """One bench stage, run the same way by both executors.
 
-    python -m transfer.stage SPEC.json       # what the local executor starts, one per stage
+    python -m transfer.stage PLAN NAME       # what the local executor starts, one per stage
+    python -m transfer.stage --finish PLAN   # the report stage's first command (settle the rest)
 
 In a SLURM job, transfer.executors.StageJob calls `run` inside submitit's job process.
 
