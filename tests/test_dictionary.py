@@ -4,8 +4,6 @@ and the dictionary consistency probe."""
 import copy
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +16,7 @@ from mocobench.errors import UserError
 from pretrain.config import PretrainConfig, check
 from pretrain.dictionary import ConsistencyProbe, EndToEnd, MemoryBank, consistency
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_pretrain import DEMO, _one_line_error, free_port, run_pretrain, tiny_moco  # noqa: E402
+from helpers import DEMO, free_port, one_line_error, run_pretrain, tiny_moco
 
 PROBE = ["train.consistency_every=1", "train.consistency_images=16"]
 
@@ -133,7 +130,7 @@ def test_unknown_dictionary_and_bad_bank_momentum_are_refused_in_one_line():
 
 
 def test_memory_bank_with_more_negatives_than_images_is_one_line(tmp_path):
-    _one_line_error(run_pretrain(tmp_path, "moco.dictionary=memory_bank", "moco.queue_size=128"),
+    one_line_error(run_pretrain(tmp_path, "moco.dictionary=memory_bank", "moco.queue_size=128"),
                     "moco.queue_size 128 is more negatives than the memory bank's 64 images")
 
 

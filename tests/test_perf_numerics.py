@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pretrain import shuffle
 from pretrain.builder import MoCo
-from test_pretrain import free_port
+from helpers import free_port
 
 STEPS = 2
 

@@ -2,11 +2,6 @@
 distributed path on two real gloo processes, exact resume, and bad inputs."""
 import copy
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,37 +10,8 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pretrain.builder import MoCo, SplitBatchNorm
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = str(ROOT / "configs/pretrain/moco_v2_fmnist_demo.yaml")
-# A few seconds of CPU: 64 Fashion-MNIST images at 32 px, batches of 16, a queue of 64.
-TINY = ["model.arch=resnet18", "data.image_size=32", "data.max_images=64", "data.num_workers=0",
-        "train.batch_size=16", "moco.queue_size=64", "moco.dim=16", "train.epochs=2",
-        "train.print_freq=1", "moco.bn_splits=2"]
-
-
-def run_pretrain(out, *overrides, nproc=1, extra_env=None):
-    cmd = [sys.executable, "-m", "pretrain", "--config", DEMO, "--output", str(out), *TINY, *overrides]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "pretrain", *cmd[3:]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tiny_moco(**kw):
-    args = dict(arch="resnet18", dim=16, K=32, m=0.9, T=0.2, mlp=True, bn_splits=1)
-    args.update(kw)
-    torch.manual_seed(0)
-    return MoCo(**args)
-
+from helpers import DEMO, free_port, init_gloo, one_line_error, run_pretrain, tiny_moco
+from pretrain.builder import SplitBatchNorm
 
 # ---------------------------------------------------------------- algorithm
 def test_logits_and_loss_equal_a_plain_reference():
@@ -118,9 +84,7 @@ def test_split_batchnorm_normalises_each_group_on_its_own():
 
 # ---------------------------------------------------------------- two processes
 def _worker(rank, world, port, tmp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    init_gloo(rank, world, port)
     model = tiny_moco(K=24, bn_splits=1)  # same seed: identical start on both ranks
     # shuffle/unshuffle identity across ranks
     x = torch.arange(6, dtype=torch.float32).view(3, 2) + 100 * rank
@@ -202,30 +166,23 @@ def test_checkpoint_records_what_converters_need_and_knn_monitor_logs(tmp_path):
 
 
 # ---------------------------------------------------------------- bad input
-def _one_line_error(result, pattern):
-    assert result.returncode == 2, result.stdout[-1000:] + result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert pattern in lines[0], lines[0]
-
-
 def test_missing_data_folder_is_one_line(tmp_path):
-    _one_line_error(run_pretrain(tmp_path / "o", f"data.source={tmp_path}/nowhere"),
+    one_line_error(run_pretrain(tmp_path / "o", f"data.source={tmp_path}/nowhere"),
                     "neither a registered data set")
 
 
 def test_empty_image_folder_is_one_line(tmp_path):
     (tmp_path / "data/train").mkdir(parents=True)
-    _one_line_error(run_pretrain(tmp_path / "o", f"data.source={tmp_path}/data"), "has no class folders")
+    one_line_error(run_pretrain(tmp_path / "o", f"data.source={tmp_path}/data"), "has no class folders")
 
 
 def test_queue_not_divisible_by_batch_is_one_line(tmp_path):
-    _one_line_error(run_pretrain(tmp_path / "o", "moco.queue_size=100"),
+    one_line_error(run_pretrain(tmp_path / "o", "moco.queue_size=100"),
                     "moco.queue_size 100 is not divisible by the global batch 16")
 
 
 def test_unknown_override_is_one_line(tmp_path):
-    _one_line_error(run_pretrain(tmp_path / "o", "train.epoch=3"), "did you mean train.epochs")
+    one_line_error(run_pretrain(tmp_path / "o", "train.epoch=3"), "did you mean train.epochs")
 
 
 def test_overrides_take_exponent_floats_and_lists():

@@ -4,15 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from mocobench.errors import UserError
 from pretrain.sweep import parse_grid, points, slug
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_pretrain import DEMO, ROOT, TINY  # noqa: E402
+from helpers import DEMO, ROOT, TINY
 
 
 def run_sweep(out, *args):

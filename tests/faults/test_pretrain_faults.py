@@ -1,33 +1,12 @@
 """Fault injection on real pretraining runs: a lost rank, a kill during a checkpoint
 write, broken checkpoints, a diverging loss and a full disk each cost at most the
 work since the last checkpoint and are reported in one line."""
-import os
 import struct
-import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-from test_pretrain import DEMO, TINY, _one_line_error, free_port, run_pretrain  # noqa: E402
-
-INJECT = str(Path(__file__).with_name("inject.py"))
-
-
-def run_with_fault(out, fault, *overrides, nproc=1, restarts=0):
-    args = ["--config", DEMO, "--output", str(out), *TINY, *overrides]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--max-restarts={restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", INJECT, *args]
-    else:
-        cmd = [sys.executable, INJECT, *args]
-    env = {**os.environ, "FAULT": fault, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-
+from helpers import one_line_error, run_pretrain, run_with_fault
 
 def state(path):
     return torch.load(path, weights_only=True)
@@ -88,12 +67,12 @@ def test_broken_checkpoints_are_named_and_resume_falls_back_to_the_newest_valid(
     assert "checkpoint_ep0001.pth: epoch 1, step 4" in resumed.stdout
     assert_same_weights(reference, state(last))
 
-    _one_line_error(run_pretrain(tmp_path / "other", "--resume", str(corrupt_copy)), "checksum mismatch")
+    one_line_error(run_pretrain(tmp_path / "other", "--resume", str(corrupt_copy)), "checksum mismatch")
 
 
 def test_diverging_loss_stops_with_one_line_and_keeps_finite_weights(tmp_path):
     result = run_with_fault(tmp_path, "nan_loss:3", "train.max_steps=5", "train.save_every_steps=1")
-    _one_line_error(result, "loss is nan at step 3 (last finite loss")
+    one_line_error(result, "loss is nan at step 3 (last finite loss")
     assert "lower train.lr" in result.stderr
     ckpt = state(tmp_path / "checkpoint_last.pth")
     assert ckpt["step"] == 2
@@ -102,12 +81,12 @@ def test_diverging_loss_stops_with_one_line_and_keeps_finite_weights(tmp_path):
 
 def test_full_disk_is_refused_before_starting(tmp_path):
     result = run_with_fault(tmp_path, "disk_free:1000000", "train.max_steps=2")
-    _one_line_error(result, "MiB free in")
+    one_line_error(result, "MiB free in")
     assert not (tmp_path / "checkpoint_last.pth").exists()
 
 
 def test_failed_checkpoint_write_is_one_line_and_the_previous_stays(tmp_path):
     result = run_with_fault(tmp_path, "enospc_save:2", "train.max_steps=3", "train.save_every_steps=1")
-    _one_line_error(result, "No space left on device")
+    one_line_error(result, "No space left on device")
     assert state(tmp_path / "checkpoint_last.pth")["step"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
