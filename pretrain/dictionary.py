@@ -23,8 +23,6 @@ import torch.nn.functional as F
 from mocobench import dist
 from pretrain.builder import MoCo, build_encoder
 
-DICTIONARIES = ("queue", "end_to_end", "memory_bank")
-
 
 class EndToEnd(nn.Module):
     """

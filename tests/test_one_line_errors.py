@@ -42,6 +42,24 @@ CASES = [
      r"is not a text YAML file"),
     ("override not YAML", "pretrain", _pretrain("train.lr=[1"), r"override 'train.lr=\[1'.*not valid YAML"),
     # ---- pretrain ----
+    ("queue_size -1", "pretrain", _pretrain("moco.queue_size=-1"), r"moco.queue_size=-1 is not allowed: it must be at least 1"),
+    ("batch_size 0", "pretrain", _pretrain("train.batch_size=0"), r"train.batch_size=0 is not allowed"),
+    ("batch_size -16", "pretrain", _pretrain("train.batch_size=-16"), r"train.batch_size=-16 is not allowed"),
+    ("print_freq 0", "pretrain", _pretrain("train.print_freq=0"), r"train.print_freq=0 is not allowed"),
+    ("num_workers -1", "pretrain", _pretrain("data.num_workers=-1"), r"data.num_workers=-1 is not allowed"),
+    ("epochs 0", "pretrain", _pretrain("train.epochs=0"), r"train.epochs=0 is not allowed: it must be at least 1"),
+    ("arch resnet19", "pretrain", _pretrain("model.arch=resnet19"), r"model.arch='resnet19'.*one of .*resnet18"),
+    ("arch vgg11", "pretrain", _pretrain("model.arch=vgg11"), r"model.arch='vgg11' is not allowed"),
+    ("amp fp8", "pretrain", _pretrain("train.amp=fp8"), r"train.amp='fp8'.*one of none, bf16, fp16"),
+    ("fp16 on CPU", "pretrain", _pretrain("train.amp=fp16"), r"train.amp=fp16 needs a GPU"),
+    ("schedule linear", "pretrain", _pretrain("train.schedule=linear"), r"train.schedule='linear'.*one of cos, step"),
+    ("momentum 1", "pretrain", _pretrain("moco.momentum=1"), r"moco.momentum=1.0 is not allowed: it must be less than 1"),
+    ("temperature 0", "pretrain", _pretrain("moco.temperature=0"), r"moco.temperature=0.0 is not allowed"),
+    ("dictionary bank", "pretrain", _pretrain("moco.dictionary=bank"), r"moco.dictionary='bank'.*queue, end_to_end, memory_bank"),
+    ("colour_on gpu", "pretrain", _pretrain("data.colour_on=gpu"), r"data.colour_on='gpu'.*worker, device, auto"),
+    ("crop_scale 3 items", "pretrain", _pretrain("data.crop_scale=[0.2,0.5,1]"), r"data.crop_scale=.* must have 2 items"),
+    ("crop_scale min > max", "pretrain", _pretrain("data.crop_scale=[0.9,0.5]"), r"min <= max"),
+    ("method byol", "pretrain", _pretrain("method=byol"), r"method='byol'.*one of moco, supervised"),
     # ---- converters ----
     # ---- transfer linear / knn / suite ----
     # ---- transfer detect ----
