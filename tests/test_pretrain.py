@@ -1,6 +1,7 @@
 """MoCo pretraining: the algorithm against plain reference computations, the
 distributed path on two real gloo processes, exact resume, and bad inputs."""
 import copy
+import os
 import json
 
 import numpy as np
@@ -10,8 +11,8 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from helpers import DEMO, free_port, init_gloo, one_line_error, run_pretrain, tiny_moco
-from pretrain.builder import SplitBatchNorm
+from helpers import DEMO, TINY, free_port, init_gloo, one_line_error, run_pretrain, tiny_moco
+from pretrain.builder import MoCo, SplitBatchNorm
 
 # ---------------------------------------------------------------- algorithm
 def test_logits_and_loss_equal_a_plain_reference():
@@ -82,6 +83,62 @@ def test_split_batchnorm_normalises_each_group_on_its_own():
     assert set(bn.state_dict()) == set(torch.nn.BatchNorm2d(3).state_dict())
 
 
+def test_split_batchnorm_running_statistics_average_what_each_group_alone_would_keep():
+    """The running statistics are what every eval-mode transfer sees: after each step they must
+    be the mean over groups of what a BatchNorm2d fed only that group would hold."""
+    g, c = 4, 3
+    split = SplitBatchNorm(c, num_splits=g, momentum=0.3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        group = (torch.arange(4 * g) % g).view(-1, 1, 1, 1)  # image i is in group i mod g
+        # groups with different means and spreads, so no single group stands for the average
+        x = torch.randn(4 * g, c, 3, 3, generator=gen) * (1 + group) + 2 * group
+        refs = [torch.nn.BatchNorm2d(c, momentum=0.3) for _ in range(g)]
+        for ref in refs:  # each starts from the statistics the split layer holds now
+            ref.running_mean.copy_(split.running_mean)
+            ref.running_var.copy_(split.running_var)
+        y = split(x)
+        for j, ref in enumerate(refs):
+            torch.testing.assert_close(y[j::g], ref(x[j::g]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(split.running_mean, torch.stack([r.running_mean for r in refs]).mean(0))
+        torch.testing.assert_close(split.running_var, torch.stack([r.running_var for r in refs]).mean(0))
+    assert int(split.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("dictionary", ["queue", "end_to_end", "memory_bank"])
+def test_contrastive_logits_are_fp32_under_bf16_autocast(dictionary):
+    """Logits reach 1/T, where bf16 keeps steps of 1/T x 2^-8: they are computed from the
+    encoders' (bf16) outputs in fp32, as a float64 reference computed from the same outputs."""
+    from pretrain.dictionary import EndToEnd, MemoryBank
+
+    torch.manual_seed(0)
+    common = dict(arch="resnet18", dim=16, T=0.07, mlp=True, bn_splits=1)
+    model = {"queue": lambda: MoCo(K=32, m=0.9, shuffle_keys=False, **common),
+             "end_to_end": lambda: EndToEnd(shuffle_keys=False, **common),
+             "memory_bank": lambda: MemoryBank(num_images=40, K=10, bank_momentum=0.0, **common)}[dictionary]()
+    outputs = []
+    for encoder in {model.encoder_q, getattr(model, "encoder_k", model.encoder_q)}:
+        encoder.register_forward_hook(lambda module, args, out: outputs.append(out.detach()))
+    im_q, im_k, index = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), torch.arange(8)
+    stored = (model.queue.T if dictionary == "queue" else getattr(model, "bank", None))
+    stored = stored.clone().double() if stored is not None else None
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, labels = model(im_q, im_k, index)
+    assert outputs[0].dtype == torch.bfloat16 and logits.dtype == torch.float32
+    q = F.normalize(outputs[0].double(), dim=1)
+    if dictionary == "memory_bank":
+        torch.manual_seed(5)
+        negatives = torch.randint(40, (10,))  # the draw the model made
+        reference = torch.cat([(q * stored[index]).sum(1, keepdim=True), q @ stored[negatives].T], 1)
+    else:
+        k = F.normalize(outputs[1].double(), dim=1)
+        reference = (torch.cat([(q * k).sum(1, keepdim=True), q @ stored.T], 1)
+                     if dictionary == "queue" else q @ k.T)
+    error = (logits.double() - reference / 0.07).abs().max().item()
+    assert error < 1e-4, error  # bf16 logits would be off by up to ~0.03 here
+
+
 # ---------------------------------------------------------------- two processes
 def _worker(rank, world, port, tmp):
     init_gloo(rank, world, port)
@@ -102,7 +159,7 @@ def _worker(rank, world, port, tmp):
         opt.step()
         opt.zero_grad()
     # Parameters only: BN running statistics are per rank by design (each rank's BN sees its
-    # own shuffled sub-batch; DDP re-broadcasts rank 0's buffers at every forward).
+    # own shuffled sub-batch).
     params = lambda m: {n: p.detach().clone() for n, p in m.named_parameters()}  # noqa: E731
     torch.save({"queue": model.queue, "ptr": model.queue_ptr, "keys": local_keys,
                 "encoder_k": params(model.encoder_k), "encoder_q": params(model.encoder_q)},
@@ -121,6 +178,159 @@ def test_two_gloo_processes_keep_queue_and_key_encoder_identical(tmp_path):
     # 3 steps x 2 ranks x 4 keys fill the queue of 24 in order: step, then rank
     expected = torch.cat([torch.cat([r0["keys"][s], r1["keys"][s]]) for s in range(3)])
     assert torch.allclose(r0["queue"].T, expected, atol=1e-6)
+
+
+# ---- a GPU node's process group, emulated: the guard against CPU tensors reaching NCCL
+def _bound_like_nccl(backend: str) -> str:
+    """`backend` with every backend replaced by gloo bound to the same device types. NCCL
+    serves the cuda device type only (torch's Backend.backend_capability), so the group
+    refuses a CPU tensor exactly where a GPU node's group would."""
+    from torch.distributed import Backend
+
+    pairs = []
+    for part in backend.lower().split(","):
+        devices = [part.split(":")[0]] if ":" in part else Backend.backend_capability[part]
+        pairs += [f"{device}:gloo" for device in devices]
+    return ",".join(pairs)
+
+
+def _gpu_node_worker(rank, world, port, tmp):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    real_init, available, set_device = torch_dist.init_process_group, torch.cuda.is_available, torch.cuda.set_device
+    torch_dist.init_process_group = lambda backend, **kw: real_init(backend=_bound_like_nccl(backend), **kw)
+    torch.cuda.is_available, torch.cuda.set_device = (lambda: True), (lambda device: None)
+    try:
+        from mocobench import dist
+        dist.init_distributed()  # takes the GPU path: the backend pretraining gets on GPUs
+    finally:
+        torch_dist.init_process_group, torch.cuda.is_available, torch.cuda.set_device = real_init, available, set_device
+    from pretrain import checkpoint, shuffle
+
+    # the CPU-side collectives of a pretraining step and checkpoint
+    out = {"loss": dist.all_reduce_mean(1.0 + rank), "permutation": shuffle._permutation(8),
+           "rng_rows": len(checkpoint.rng_states()["torch"])}
+    dist.barrier()
+    torch.save(out, f"{tmp}/rank{rank}.pt")
+    dist.destroy()
+
+
+def test_cpu_bookkeeping_collectives_work_in_a_process_group_bound_like_nccl(tmp_path):
+    """Under NCCL a CPU tensor raised "No backend type associated with device type cpu" at
+    the first logged step; gloo bound to cuda only refuses it the same way on a CPU."""
+    assert _bound_like_nccl("nccl") == "cuda:gloo"
+    mp.spawn(_gpu_node_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["loss"] == r1["loss"] == 1.5 and r0["rng_rows"] == 2
+    assert torch.equal(r0["permutation"], r1["permutation"])
+
+
+# ---- two ranks, one spawn shared by the tests below
+def _two_rank_worker(rank, world, port, tmp):
+    init_gloo(rank, world, port)
+    from mocobench.config import load_config
+    from pretrain.checkpoint import restore_rng, rng_states
+    from pretrain.config import PretrainConfig
+    from pretrain.dictionary import EndToEnd, build_contrastive
+    from pretrain.train import wrap_ddp
+
+    out = {}
+    # end-to-end with shuffling BN across ranks: one step on this rank's half of a global batch
+    torch.manual_seed(0)
+    model = EndToEnd("resnet18", dim=8, T=0.2, mlp=False, bn_splits=1)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(0)
+    im_q, im_k = (torch.randn(8, 3, 32, 32, generator=g) for _ in range(2))
+    torch.manual_seed(7)  # the shuffle's permutation
+    logits, labels = ddp(im_q[4 * rank:4 * rank + 4], im_k[4 * rank:4 * rank + 4])
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    out["e2e"] = {"loss": loss.item(), "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+    # moco.bn=none: keys from this rank's own images under its own BN (no shuffle)
+    torch.manual_seed(0)
+    moco = tiny_moco(K=16, bn_splits=1, shuffle_keys=False)
+    moco(im_q[4 * rank:4 * rank + 4], im_k[4 * rank:4 * rank + 4])
+    out["no_shuffle_queue"] = moco.queue.clone()
+
+    # the dictionaries are not re-sent by DDP: a mark on rank 1 outside the written entries stays
+    for dictionary, buffer in (("memory_bank", "bank"), ("queue", "queue")):
+        cfg = load_config(PretrainConfig, DEMO, TINY + [f"moco.dictionary={dictionary}", "moco.queue_size=32"])
+        torch.manual_seed(0)
+        model = build_contrastive(cfg, 64, 1)
+        wrapped = wrap_ddp(cfg, model, torch.device("cpu"))
+        state = getattr(model, buffer)
+        if rank == 1:
+            state.view(-1)[-1] = 123.0  # bank: image 63's entry; queue: the last key slot
+        logits, labels = wrapped(im_q[:4], im_k[:4], torch.arange(4) + 4 * rank)
+        F.cross_entropy(logits, labels).backward()
+        logits, labels = wrapped(im_q[:4], im_k[:4], torch.arange(4) + 4 * rank)
+        out[f"{buffer}_mark"] = float(state.view(-1)[-1])
+
+    # every rank's RNG state saved, and each restored to its own
+    torch.manual_seed(100 + rank)
+    states = rng_states()
+    expected = torch.rand(3)
+    torch.manual_seed(999)
+    restore_rng(states)
+    out["rng"] = {"rows_differ": not torch.equal(states["torch"][0], states["torch"][1]),
+                  "restored": torch.equal(torch.rand(3), expected)}
+    torch.save(out, f"{tmp}/rank{rank}.pt")
+    torch_dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    mp.spawn(_two_rank_worker, args=(2, free_port(), str(tmp)), nprocs=2, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in (0, 1)]
+
+
+def test_end_to_end_on_two_ranks_shuffles_bn_across_ranks_with_the_full_gradient(two_ranks):
+    """The reference: the same global batch in one process, each rank's BN computed on its own
+    images (queries: its half; keys: the images the global permutation gives it), the mean of
+    the two ranks' losses differentiated in one piece."""
+    from pretrain.dictionary import EndToEnd
+
+    torch.manual_seed(0)
+    ref = EndToEnd("resnet18", dim=8, T=0.2, mlp=False, bn_splits=1)
+    g = torch.Generator().manual_seed(0)
+    im_q, im_k = (torch.randn(8, 3, 32, 32, generator=g) for _ in range(2))
+    torch.manual_seed(7)
+    perm = torch.randperm(8)  # rank r encodes the keys of images perm[4r:4r+4]
+    q = [F.normalize(ref.encoder_q(im_q[4 * r:4 * r + 4]), dim=1) for r in (0, 1)]
+    k = torch.empty(8, 8)
+    k[perm] = torch.cat([F.normalize(ref.encoder_q(im_k[perm[4 * r:4 * r + 4]]), dim=1) for r in (0, 1)])
+    losses = [F.cross_entropy(q[r] @ k.T / 0.2, torch.arange(4) + 4 * r) for r in (0, 1)]
+    (sum(losses) / 2).backward()
+    for rank, result in enumerate(two_ranks):
+        assert result["e2e"]["loss"] == pytest.approx(losses[rank].item(), rel=1e-5)
+        for name, p in ref.named_parameters():  # DDP averaged the ranks' gradients
+            # fp32 summation order leaves ~6e-5 of the norm (measured against float64); the
+            # gradient without the cross-rank terms is 15-25% off
+            error = (result["e2e"]["grads"][name] - p.grad).norm() / p.grad.norm()
+            assert error < 1e-3, (name, float(error))
+
+
+def test_bn_none_encodes_keys_on_their_own_rank(two_ranks):
+    g = torch.Generator().manual_seed(0)
+    im_k = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)][1]
+    torch.manual_seed(0)
+    ref = tiny_moco(K=16, bn_splits=1, shuffle_keys=False)
+    ref._momentum_update_key_encoder()
+    with torch.no_grad():
+        keys = torch.cat([F.normalize(ref.encoder_k(im_k[4 * r:4 * r + 4]), dim=1) for r in (0, 1)])
+    torch.testing.assert_close(two_ranks[0]["no_shuffle_queue"].T[:8], keys, rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_does_not_resend_the_memory_bank_or_the_queue(two_ranks):
+    assert two_ranks[0]["bank_mark"] != 123.0 and two_ranks[1]["bank_mark"] == 123.0
+    assert two_ranks[1]["queue_mark"] == 123.0
+
+
+def test_every_rank_saves_and_restores_its_own_rng_state(two_ranks):
+    assert all(r["rng"]["rows_differ"] and r["rng"]["restored"] for r in two_ranks)
 
 
 def test_torchrun_two_processes_train_and_write_a_checkpoint(tmp_path):
