@@ -36,25 +36,35 @@ def _env(**extra) -> dict:
             "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
 
 
-def pretrain_command(out, *overrides, nproc=1, config=DEMO) -> list[str]:
-    args = ["--config", str(config), "--output", str(out), *TINY, *overrides]
+def pretrain_command(out, *overrides, nproc=1, script=None) -> list[str]:
+    """`python -m pretrain` (or `script`, a file calling pretrain's main) on the TINY settings."""
+    args = ["--config", DEMO, "--output", str(out), *TINY, *overrides]
+    program = [str(script)] if script else ["-m", "pretrain"]
     if nproc > 1:
-        return [*_torchrun(nproc), "-m", "pretrain", *args]
-    return [sys.executable, "-m", "pretrain", *args]
+        return [*_torchrun(nproc), *program, *args]
+    return [sys.executable, *program, *args]
 
 
-def run_pretrain(out, *overrides, nproc=1, extra_env=None):
-    """`python -m pretrain` (or torchrun with `nproc` processes) on the TINY demo settings."""
-    return subprocess.run(pretrain_command(out, *overrides, nproc=nproc), capture_output=True,
-                          text=True, cwd=ROOT, env=_env(**(extra_env or {})), timeout=600)
+def run_pretrain(out, *overrides, nproc=1, extra_env=None, script=None):
+    """Run pretrain_command (torchrun with `nproc` processes) and capture what it printed."""
+    return subprocess.run(pretrain_command(out, *overrides, nproc=nproc, script=script),
+                          capture_output=True, text=True, cwd=ROOT, env=_env(**(extra_env or {})),
+                          timeout=600)
+
+
+def fault_command(out, *overrides, nproc=1, restarts=0) -> list[str]:
+    args = ["--config", DEMO, "--output", str(out), *TINY, *overrides]
+    return [*_torchrun(nproc, restarts), INJECT, *args] if nproc > 1 else [sys.executable, INJECT, *args]
+
+
+def fault_env(fault: str) -> dict:
+    return _env(FAULT=fault)
 
 
 def run_with_fault(out, fault, *overrides, nproc=1, restarts=0):
     """The same run with one fault of tests/faults/inject.py (FAULT=kind:args) injected."""
-    args = ["--config", DEMO, "--output", str(out), *TINY, *overrides]
-    cmd = [*_torchrun(nproc, restarts), INJECT, *args] if nproc > 1 else [sys.executable, INJECT, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(FAULT=fault),
-                          timeout=600)
+    return subprocess.run(fault_command(out, *overrides, nproc=nproc, restarts=restarts),
+                          capture_output=True, text=True, cwd=ROOT, env=fault_env(fault), timeout=600)
 
 
 def one_line_error(result, pattern):

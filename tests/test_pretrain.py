@@ -2,6 +2,7 @@
 distributed path on two real gloo processes, exact resume, and bad inputs."""
 import copy
 import os
+import time
 import json
 
 import numpy as np
@@ -333,10 +334,23 @@ def test_every_rank_saves_and_restores_its_own_rng_state(two_ranks):
     assert all(r["rng"]["rows_differ"] and r["rng"]["restored"] for r in two_ranks)
 
 
-def test_torchrun_two_processes_train_and_write_a_checkpoint(tmp_path):
-    result = run_pretrain(tmp_path, "train.max_steps=3", nproc=2)
+DESTROYED = """
+import sys
+import torch.distributed as d
+from pretrain.__main__ import main
+main(sys.argv[1:])
+print("process group left:", d.is_initialized(), flush=True)
+"""
+
+
+def test_torchrun_two_processes_train_write_a_checkpoint_and_destroy_the_group(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(DESTROYED)
+    result = run_pretrain(tmp_path / "out", "train.max_steps=3", nproc=2, script=script)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "world size 2 x 8 per rank = global 16" in result.stdout
+    assert result.stdout.count("process group left: False") == 2  # both ranks destroyed it
+    tmp_path = tmp_path / "out"
     ckpt = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["world_size"] == 2
     assert int(ckpt["state_dict"]["queue_ptr"]) == (3 * 16) % 64
@@ -360,10 +374,49 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert len(logged) == 6 and (tmp_path / "resumed/config.yaml").exists()
 
 
+def test_resume_with_changed_settings_is_refused_listing_them_before_anything_is_written(tmp_path):
+    first = run_pretrain(tmp_path, "train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    files = {name: (tmp_path / name).read_bytes() for name in ("config.yaml", "log.jsonl", "checkpoint_last.pth")}
+    for overrides, fields in [
+        (["model.arch=resnet34"], ["model.arch (resnet18 -> resnet34)"]),
+        (["moco.queue_size=128", "moco.dim=32"], ["moco.dim (16 -> 32)", "moco.queue_size (64 -> 128)"]),
+        (["method=supervised"], ["method (moco -> supervised)"]),
+        (["train.lr=0.1"], ["train.lr (0.06 -> 0.1)"]),
+        (["data.max_images=48"], ["data.max_images (64 -> 48)", "training images (64 -> 48)"]),
+    ]:
+        refused = run_pretrain(tmp_path, "train.max_steps=4", *overrides)
+        one_line_error(refused, f"cannot resume from {tmp_path / 'checkpoint_last.pth'}: the run differs in")
+        assert all(field in refused.stderr for field in fields), (fields, refused.stderr)
+        assert {name: (tmp_path / name).read_bytes() for name in files} == files  # untouched
+    # what a resumed run may change: length, frequencies, workers, precision
+    allowed = run_pretrain(tmp_path, "train.max_steps=4", "train.epochs=3", "data.num_workers=1",
+                           "train.print_freq=2", "train.save_every_steps=1", "train.amp=bf16")
+    assert allowed.returncode == 0 and "resumed from" in allowed.stdout, allowed.stderr[-2000:]
+
+
+def test_two_identical_runs_write_byte_identical_checkpoints(tmp_path):
+    """The checkpoint's bytes are a function of its contents (torch's zip records the file
+    name it was written under; atomic saves write under the final name), so caches keyed by
+    sha256 hit and results' weights.sha256 is reproducible."""
+    from mocobench.fileio import sha256_file
+
+    for name in ("a", "b"):
+        result = run_pretrain(tmp_path / name, "train.max_steps=2")
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert sha256_file(tmp_path / "a/checkpoint_last.pth") == sha256_file(tmp_path / "b/checkpoint_last.pth")
+
+
 def test_checkpoint_records_what_converters_need_and_knn_monitor_logs(tmp_path):
+    tic = time.monotonic()
     result = run_pretrain(tmp_path, "train.max_steps=4", "train.knn_every_epochs=1",
                           "train.knn_max_train=100", "train.knn_max_val=50")
+    elapsed = time.monotonic() - tic
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "precision: fp32, channels_last off" in result.stdout
+    # stdout is a pipe, as in SLURM logs: the bar is drawn at start, at the end, and at most
+    # once per 10 s in between, not once per step
+    assert result.stdout.count("pretrain:") <= 2 + elapsed / 10, result.stdout
     knn = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()
            if "knn_top1" in line]
     assert len(knn) == 1 and knn[0]["epoch"] == 1 and 0.0 <= knn[0]["knn_top1"] <= 100.0
@@ -373,6 +426,40 @@ def test_checkpoint_records_what_converters_need_and_knn_monitor_logs(tmp_path):
     assert ckpt["normalization"]["input_format"] == "RGB" and ckpt["image_size"] == 32
     keys = ckpt["state_dict"].keys()
     assert {"queue", "queue_ptr", "encoder_q.conv1.weight", "encoder_k.fc.2.weight"} <= set(keys)
+
+
+def test_sync_bn_on_cpu_processes_and_fp16_on_cpu_are_refused_before_anything_starts():
+    from mocobench.config import load_config
+    from mocobench.errors import UserError
+    from pretrain.config import PretrainConfig, check
+
+    sync = load_config(PretrainConfig, DEMO, ["moco.bn=sync"])
+    with pytest.raises(UserError, match="moco.bn=sync needs GPUs"):
+        check(sync, 2, "cpu")
+    check(sync, 2, "cuda")
+    check(sync, 1, "cpu")  # one process: SyncBatchNorm is plain BatchNorm there
+    with pytest.raises(UserError, match="train.amp=fp16 needs a GPU"):
+        check(load_config(PretrainConfig, DEMO, ["train.amp=fp16"]), 1, "cpu")
+
+
+def test_loader_workers_persist_and_see_each_epoch():
+    """Workers are started once; the epoch reaches them through the sampler's (epoch, index)
+    pairs, so epoch 1's views are the views of epoch 1 (no message to the workers needed)."""
+    from mocobench.config import load_config
+    from mocobench.data import build_dataset
+    from pretrain.config import PretrainConfig
+    from pretrain.train import build_data
+
+    cfg = load_config(PretrainConfig, DEMO, TINY + ["data.num_workers=2"])
+    images = build_dataset("fashion-mnist", "train", max_images=64)
+    loader, sampler, _, _, _ = build_data(cfg, images, torch.device("cpu"))
+    assert loader.persistent_workers
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        im_q, _, _, index = next(iter(loader))
+        expected = torch.stack([loader.dataset[(epoch, int(i))][0] for i in index])
+        assert torch.equal(im_q, expected), epoch
+    assert not torch.equal(loader.dataset[(0, 5)][0], loader.dataset[(1, 5)][0])
 
 
 # ---------------------------------------------------------------- bad input
