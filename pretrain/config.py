@@ -158,10 +158,14 @@ def check(cfg: PretrainConfig, world_size: int, device_type: str = "cpu") -> Non
     if t.consistency_every and t.consistency_images < t.batch_size // world_size:
         raise UserError(f"train.consistency_images {t.consistency_images} is fewer than the per-rank "
                         f"batch {t.batch_size // world_size} the probe encodes at once; raise it")
-    splits = bn_splits(cfg, world_size)
-    if (t.batch_size // world_size) % splits:
-        raise UserError(f"per-rank batch {t.batch_size // world_size} is not divisible by "
-                        f"moco.bn_splits {splits}; change one of them")
+    splits, per_rank = bn_splits(cfg, world_size), t.batch_size // world_size
+    if per_rank % splits:
+        raise UserError(f"per-rank batch {per_rank} is not divisible by moco.bn_splits {splits}; "
+                        "change one of them")
+    if per_rank // splits < 2:
+        raise UserError(f"BN groups of {per_rank // splits} image (per-rank batch {per_rank} in "
+                        f"{splits} groups) have no batch statistics; raise the batch or lower "
+                        "moco.bn_splits")
 
 
 def bn_splits(cfg: PretrainConfig, world_size: int) -> int:

@@ -59,6 +59,7 @@ CASES = [
     ("colour_on gpu", "pretrain", _pretrain("data.colour_on=gpu"), r"data.colour_on='gpu'.*worker, device, auto"),
     ("crop_scale 3 items", "pretrain", _pretrain("data.crop_scale=[0.2,0.5,1]"), r"data.crop_scale=.* must have 2 items"),
     ("crop_scale min > max", "pretrain", _pretrain("data.crop_scale=[0.9,0.5]"), r"min <= max"),
+    ("BN groups of one image", "pretrain", _pretrain("train.batch_size=32", "moco.bn_splits=32"), r"BN groups of 1 image"),
     ("method byol", "pretrain", _pretrain("method=byol"), r"method='byol'.*one of moco, supervised"),
     # ---- converters ----
     # ---- transfer linear / knn / suite ----
