@@ -1,6 +1,6 @@
 """The MoCo papers' published transfer numbers (R50, ImageNet-1M pretraining), as data.
 
-Transcribed from /work/shared/NOTES-anchors.md section (c); each entry names its
+Sources and the full table: docs/paper-numbers.md; each entry names its
 source. ``report`` puts these rows beside ours when a result's protocol is the
 one the numbers were measured with. Values are in percent, as published; a
 ``[mean, std]`` pair is a mean over several trials with its spread.
