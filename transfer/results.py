@@ -131,6 +131,18 @@ def validate(record: dict, where: str = "results") -> dict:
     return record
 
 
+def start_run(out_dir) -> Path | None:
+    """Every task calls this once it holds its output folder's lock, before any work: an
+    earlier run's results.json moves aside to results.previous.json, so a run that then fails
+    leaves nothing that `report` could read as this run's result. Returns the moved file."""
+    path = Path(out_dir) / "results.json"
+    if not path.exists():
+        return None
+    previous = path.with_name("results.previous.json")
+    path.replace(previous)
+    return previous
+
+
 def write_results(out_dir, *, task: str, dataset: dict, weights: dict, engine: str,
                   protocol: dict, config: dict, seed: int, wall_time_s: float,
                   metrics: dict, outcomes: dict | None = None, status: str = "ok",
