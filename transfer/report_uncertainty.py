@@ -53,8 +53,9 @@ class TableBootstrap:
                                   f"ground truth) as {ref_row.label}'s; no paired interval")
                 continue
             names = self._reproduced(row, run, ev, pos, metrics)
-            if names:
-                usable.append((row.label, i, ev, pos, names))
+            if names:  # pos None: the reference's own order, no copy per redraw
+                usable.append((row.label, i, ev, None if np.array_equal(pos, np.arange(len(pos))) else pos,
+                               names))
         return usable
 
     def _reproduced(self, row, run, ev, pos, metrics) -> dict:
@@ -82,7 +83,8 @@ class TableBootstrap:
         per_run = {(label, i): {m: [] for m in names} for label, i, _, _, names in runs}
         for w in resamples(self.n_images, self.samples, self.seed):
             for label, i, ev, pos, names in runs:
-                for m, v in ev.evaluate(w[:, pos], names).items():
+                mine = w if pos is None else w[:, pos]
+                for m, v in ev.evaluate(mine, names).items():
                     per_run[(label, i)][m].append(v)
         return {key: {m: np.concatenate(v) for m, v in ms.items()} for key, ms in per_run.items()}
 

@@ -39,7 +39,7 @@ def resamples(n: int, samples: int, seed: int):
     done = 0
     while done < samples:
         b = min(chunk, samples - done)
-        draws = rng.integers(0, n, size=(b, n)) + n * np.arange(b)[:, None]
+        draws = rng.integers(0, n, size=(b, n), dtype=np.int32) + n * np.arange(b, dtype=np.int32)[:, None]
         yield np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
         done += b
 
@@ -156,6 +156,7 @@ class ClassificationOutcomes:
         self.labels, self.topk, self.scores = labels, topk, scores
         self.keys, self.keyed = _keys(ids, len(labels))
         self.multilabel = labels.ndim == 2
+        self._hit1 = self._hit5 = None  # per-image hits, computed once for all redraws
 
     def same_truth(self, reference, pos) -> bool:
         return (isinstance(reference, ClassificationOutcomes)
@@ -172,16 +173,20 @@ class ClassificationOutcomes:
         return {m: k for m, k in kinds.items() if k is not None and usable[k]}
 
     def evaluate(self, weights, names: dict) -> dict:
-        return {m: getattr(self, f"_{kind}")(weights) for m, kind in names.items()}
+        total = weights.sum(1)
+        return {m: getattr(self, f"_{kind}")(weights, total) for m, kind in names.items()}
 
-    def _top1(self, w):
-        return 100 * (w @ (self.topk[:, 0] == self.labels)) / w.sum(1)
+    def _top1(self, w, total):
+        if self._hit1 is None:
+            self._hit1 = (self.topk[:, 0] == self.labels).astype(np.float64)
+        return 100 * (w @ self._hit1) / total
 
-    def _top5(self, w):
-        hit = (self.topk[:, :5] == self.labels[:, None]).any(1)
-        return 100 * (w @ hit) / w.sum(1)
+    def _top5(self, w, total):
+        if self._hit5 is None:
+            self._hit5 = (self.topk[:, :5] == self.labels[:, None]).any(1).astype(np.float64)
+        return 100 * (w @ self._hit5) / total
 
-    def _mean_per_class(self, w):
+    def _mean_per_class(self, w, total=None):
         order = np.argsort(self.labels, kind="stable")
         starts = np.flatnonzero(np.r_[True, np.diff(self.labels[order]) != 0])
         correct = (self.topk[:, 0] == self.labels)[order]
@@ -190,7 +195,7 @@ class ClassificationOutcomes:
         with np.errstate(invalid="ignore", divide="ignore"):
             return 100 * np.nanmean(np.where(seen > 0, hits / seen, np.nan), axis=1)
 
-    def _ap11(self, w):
+    def _ap11(self, w, total=None):
         """Mean over classes of the VOC07 11-point AP of the ranking by score (the VOC
         devkit's classification measure); ignored labels (< 0) count neither way."""
         aps = []

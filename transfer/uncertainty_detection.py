@@ -25,6 +25,7 @@ detections.json must list them in the order the evaluator saw them).
 """
 import contextlib
 import copy
+import functools
 import io
 
 import numpy as np
@@ -34,16 +35,48 @@ from transfer.uncertainty import VOC07_RECALLS, _voc_precision, precision_at_rec
 
 VOC_IOUS = np.arange(50, 100, 5) / 100.0  # Detectron2's thresholds (range(50, 100, 5))
 METRICS = {"bbox": ("AP", "AP50", "AP75"), "segm": ("mask_AP", "mask_AP50", "mask_AP75")}
-_BLOCK_ELEMENTS = 8_000_000  # redraws x thresholds x detections accumulated at a time
+_BLOCK_ELEMENTS = 8_000_000  # redraws x detections of one category weighted at a time
 
 
 class RankedCategory:
     """One category's detections over the whole test set, best score first: the image each
-    came from, and per IoU threshold whether it is a true / false positive; plus the number
-    of positives (non-ignored ground truth) in each image."""
+    came from and, per IoU threshold, whether it is a true positive or counts neither way
+    (ignored); every other detection is a false positive. Plus the number of positives
+    (non-ignored ground truth) in each image."""
 
-    def __init__(self, image, tp, fp, positives):
-        self.image, self.tp, self.fp, self.positives = image, tp, fp, positives
+    def __init__(self, image, tp, ignored, positives):
+        self.image, self.tp, self.ignored, self.positives = image, tp, ignored, positives
+
+    def interpolated(self, weights, recalls, precision):
+        """(b, T, R) interpolated precision at each recall point under each redraw.
+
+        Only the true positives' points of the precision/recall curve are built: recall
+        moves only there and precision can only fall between them, so the largest precision
+        at or beyond any recall is always found at one of them (or is 0 without any). That is
+        b x (true positives) work per threshold instead of b x (detections)."""
+        b, (n_t, d) = len(weights), self.tp.shape
+        out = np.zeros((b, n_t, len(recalls)))
+        if d == 0:
+            return out
+        npos = np.maximum(weights @ self.positives, 1)
+        w = weights[:, self.image]                        # (b, d): each detection's weight
+        seen = np.cumsum(w, axis=1)                       # weight ranked so far, all kinds
+        for t in range(n_t):
+            hits = np.flatnonzero(self.tp[t])
+            if not len(hits):
+                continue
+            tp = np.cumsum(w[:, hits], axis=1)            # (b, hits): true positives so far
+            fp = seen[:, hits] - tp - self._ignored_before(w, t, hits)
+            out[:, t] = precision_at_recalls(tp, fp, npos, recalls, precision)
+        return out
+
+    def _ignored_before(self, w, t, hits):
+        """Weight of the ignored detections ranked at or before each true positive."""
+        ignored = np.flatnonzero(self.ignored[t])
+        if not len(ignored):
+            return 0.0
+        cum = np.concatenate([np.zeros((len(w), 1)), np.cumsum(w[:, ignored], axis=1)], axis=1)
+        return cum[:, np.searchsorted(ignored, hits, side="right")]
 
 
 class DetectionOutcomes:
@@ -82,20 +115,14 @@ class DetectionOutcomes:
 
     def _ap_per_iou(self, weights, ranked):
         """(b, T): AP at each IoU threshold, averaged over categories as each definition does."""
-        recalls = VOC07_RECALLS if self.metric == "voc07" else _coco_params().recThrs
+        recalls = VOC07_RECALLS if self.metric == "voc07" else _coco_recalls()
         precision = _voc_precision if self.metric == "voc07" else _coco_precision
         b, aps, counted = len(weights), [], []
         for cat in ranked:
             npos = weights @ cat.positives
-            q = np.zeros((b, cat.tp.shape[0], len(recalls)))
-            step = max(1, _BLOCK_ELEMENTS // max(1, cat.tp.size))
-            for s in range(0, b, step):
-                w = weights[s:s + step, cat.image][:, None, :]  # (bb, 1, d)
-                tp, fp = np.cumsum(w * cat.tp, axis=2), np.cumsum(w * cat.fp, axis=2)
-                bb, t, d = tp.shape
-                q[s:s + step] = precision_at_recalls(
-                    tp.reshape(bb * t, d), fp.reshape(bb * t, d),
-                    np.repeat(np.maximum(npos[s:s + step], 1), t), recalls, precision).reshape(bb, t, -1)
+            step = max(1, _BLOCK_ELEMENTS // max(1, len(cat.image)))
+            q = np.concatenate([cat.interpolated(weights[s:s + step], recalls, precision)
+                                for s in range(0, b, step)])  # (b, T, R)
             if self.metric == "voc07":
                 aps.append(np.where(npos[:, None] > 0, q.sum(2) / 11.0, 0.0))
                 counted.append(np.ones(b, bool))
@@ -103,7 +130,7 @@ class DetectionOutcomes:
                 aps.append(q.mean(2))
                 counted.append(npos > 0)
         if not aps:
-            return np.full((b, len(_coco_params().iouThrs)), np.nan)
+            return np.full((b, len(VOC_IOUS)), np.nan)
         aps, counted = np.stack(aps, 1), np.stack(counted, 1)[:, :, None]  # (b, K, T), (b, K, 1)
         with np.errstate(invalid="ignore", divide="ignore"):
             return (aps * counted).sum(1) / counted.sum(1)
@@ -113,10 +140,11 @@ def _coco_precision(tp, fp):
     return tp / (fp + tp + np.spacing(1))
 
 
-def _coco_params():
+@functools.lru_cache(maxsize=1)
+def _coco_recalls():
     from pycocotools.cocoeval import Params
 
-    return Params(iouType="bbox")
+    return Params(iouType="bbox").recThrs  # COCOeval's own 101 points, with its rounding
 
 
 def _clean_ground_truth(gt: dict) -> dict:
@@ -180,9 +208,8 @@ def coco_ranked(gt: dict, detections: list, iou_type: str, image_ids: list) -> l
         positives = np.zeros(len(image_ids))
         for e in entries:
             positives[position[e["image_id"]]] += np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)
-        ranked.append(RankedCategory(image.astype(np.int64),
-                                     np.logical_and(matched, ~ignored.astype(bool)),
-                                     np.logical_and(~matched.astype(bool), ~ignored.astype(bool)),
+        ignored = ignored.astype(bool)
+        ranked.append(RankedCategory(image.astype(np.int64), matched.astype(bool) & ~ignored, ignored,
                                      positives))
     return ranked
 
@@ -228,7 +255,7 @@ def voc07_ranked(gt: dict, detections: list, image_ids: list) -> list:
                 positives[position[image_id]] = np.count_nonzero(~difficult)
         tp, fp = _voc_match(mine, boxes)
         image = np.array([position[d["image_id"]] for d in mine], dtype=np.int64)
-        ranked.append(RankedCategory(image, tp, fp, positives))
+        ranked.append(RankedCategory(image, tp, ~tp & ~fp, positives))
     return ranked
 
 
