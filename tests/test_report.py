@@ -354,6 +354,16 @@ def test_legacy_protocols_are_grouped_by_name_and_get_no_published_rows():
     assert any("no per-example outcomes" in n for n in voc["notes"])
 
 
+def test_legacy_protocols_of_other_names_are_other_tables(tmp_path):
+    common = dict(task="detect", dataset={"name": "voc_2007_test", "splits": {"test": 4952}},
+                  engine="detectron2", config={}, seed=0, wall_time_s=1.0, metrics={"AP": 50.0})
+    for name in ("pascal_voc_R_50_C4_24k", "my_voc_R_50_FPN"):  # same engine and data, other configs
+        write_results(tmp_path / name, weights={"path": None, "sha256": None, "label": "MoCo"},
+                      protocol=name, **common)
+    tables = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
+    assert sorted(t["protocol"]["name"] for t in tables) == ["my_voc_R_50_FPN", "pascal_voc_R_50_C4_24k"]
+
+
 def test_paper_numbers_are_consistent_data():
     from transfer.report_protocol import differences
 
