@@ -80,7 +80,8 @@ def test_mean_std_and_deltas_of_the_printed_numbers(tables):
             assert cell["text"].startswith(f"{statistics.fmean(vals):.1f}"
                                            + (f"±{statistics.stdev(vals):.1f}" if len(vals) > 1 else ""))
             if label != "supervised (same data)":
-                want = round(printed(statistics.fmean(vals)) - printed(statistics.fmean([d[m] for d in base])), 1)
+                base_mean = statistics.fmean([d[m] for d in base])
+                want = round(printed(statistics.fmean(vals)) - printed(base_mean), 1)
                 assert cell["delta"] == pytest.approx(want)
                 assert f"({want:+.1f} [" in cell["text"]
     assert row(t, "MoCo v2 demo")["variance"] == "3 fine-tuning seeds"
@@ -113,8 +114,33 @@ def test_delta_whose_interval_contains_zero_is_marked_not_significant(tables):
                 seen[contains] += 1
     assert seen[True] and seen[False]  # the fixtures hold both kinds
     coco = table_for(tables, "detect", "demo_scenes_coco_val")
-    if all(c["significant"] is False for c in row(coco, "MoCo v1 demo")["cells"].values() if c["delta"] is not None):
+    moco = [c for c in row(coco, "MoCo v1 demo")["cells"].values() if c["delta"] is not None]
+    if all(c["significant"] is False for c in moco):
         assert any("no significant difference from the baseline at this scale" in n for n in coco["notes"])
+
+
+def test_delta_interval_is_paired_on_the_same_redraws():
+    """The table's delta interval is that of (row - baseline) on the SAME redraws of the test
+    images, recomputed here from the outcome files; it is far narrower than pairing each row
+    with independent redraws would give (the rows share which images are hard)."""
+    from transfer import outcomes
+    from transfer.uncertainty import percentile_ci, resamples
+
+    (t,) = rp.build_tables(rp.load_results([GOOD / "segment_demo"]), bootstrap=400, seed=7)
+    ev = {}
+    for name in ("moco_v2", "supervised"):
+        path = GOOD / "segment_demo" / name / "results.json"
+        ev[name] = outcomes.read(path, json.loads(path.read_text()))
+    n = len(ev["moco_v2"].keys)
+
+    def draws(e, seed):
+        return np.concatenate([e.evaluate(w, {"mIoU": "mIoU"})["mIoU"] for w in resamples(n, 400, seed)])
+
+    paired = percentile_ci(draws(ev["moco_v2"], 7) - draws(ev["supervised"], 7))
+    unpaired = percentile_ci(draws(ev["moco_v2"], 7) - draws(ev["supervised"], 8))
+    cell = row(t, "MoCo v2 demo")["cells"]["mIoU"]
+    assert cell["delta_ci"] == pytest.approx(paired)
+    assert paired[1] - paired[0] < 0.5 * (unpaired[1] - unpaired[0])
 
 
 def test_charts_mark_not_significant_deltas_and_draw_the_intervals(tables):
@@ -147,8 +173,9 @@ def test_seed_test_is_welch_over_the_fixture_runs(tables):
 def test_every_table_says_what_its_uncertainty_covers(tables):
     t = table_for(tables, "linear", "fashion-mnist", "fast")
     (note,) = [n for n in t["notes"] if n.startswith("uncertainty: ")]
-    assert "MoCo v2 demo over 3 fine-tuning seeds" in note and "1 run, no training-randomness estimate: random init" in note
-    assert "each row's weights are 1 pretraining run" in note and "300 bootstrap redraws of the 2000 test images" in note
+    for part in ("MoCo v2 demo over 3 fine-tuning seeds", "1 run, no training-randomness estimate: random init",
+                 "each row's weights are 1 pretraining run", "300 bootstrap redraws of the 2000 test images"):
+        assert part in note
     for t in (t for t in tables if t["kind"] == "results"):
         assert sum(n.startswith("uncertainty: ") for n in t["notes"]) == 1
 
@@ -290,10 +317,12 @@ def test_the_moco_readme_cell_as_printed(tmp_path):
     # the torchvision engine scoring VOC with COCO's 101-point AP
     ("voc_c4_24k", {"engine": "torchvision", "metric": {"AP50": "101-point", "AP": "101-point",
                                                         "AP75": "101-point"}},
-     ["engine: torchvision here, detectron2 published", "metric AP50: '101-point definition' here, published '11-point'"]),
+     ["engine: torchvision here, detectron2 published",
+      "metric AP50: '101-point definition' here, published '11-point'"]),
     # a 1-epoch paper-protocol linear run on a 16-image folder named imagenet
     ("in1k_linear", {"schedule.epochs": 1, "dataset": {"splits": {"train": 16, "val": 16}, "classes": 2}},
-     ["schedule.epochs: 1 here, 100 published", "dataset split sizes: [16, 16] here, [50000, 1281167] published",
+     ["schedule.epochs: 1 here, 100 published",
+      "dataset split sizes: [16, 16] here, [50000, 1281167] published",
       "dataset classes: 2 here, 1000 published"]),
     ("coco_c4_2x", {"input.min_size_test": 600}, ["input.min_size_test: 600 here, 800 published"]),
 ])
@@ -395,7 +424,8 @@ def test_suite_summary_mean_and_average_rank_from_the_fixtures(tables):
     assert len(s["headers"]) == len(per_set) + 2
     for label in {lab for v in per_set.values() for lab in v}:
         values = [per_set[ds][label] for ds in sorted(per_set)]
-        ranks = [1 + sorted(per_set[ds].values(), reverse=True).index(per_set[ds][label]) for ds in sorted(per_set)]
+        ranks = [1 + sorted(per_set[ds].values(), reverse=True).index(per_set[ds][label])
+                 for ds in sorted(per_set)]
         r = row(s, label)
         assert r["mean"] == pytest.approx(statistics.fmean(values))
         assert r["avg_rank"] == pytest.approx(statistics.fmean(ranks))
@@ -464,7 +494,8 @@ def test_cli_writes_report_md_and_charts(tmp_path, capsys):
     rp.main([str(work), str(work / "linear_fast"), "--format", "csv", "--bootstrap", "50"])
     out, err = capsys.readouterr()
     body = list(csv.reader(io.StringIO(out)))[1:]
-    assert [line[5] for line in body if line[4] == "MoCo v2 demo" and line[2] == "fast"] == ["3 fine-tuning seeds"]
+    moco_fast = [line for line in body if line[4] == "MoCo v2 demo" and line[2] == "fast"]
+    assert [line[5] for line in moco_fast] == ["3 fine-tuning seeds"]
     md = work / "report.md"  # default --output: the first DIR
     assert f"wrote {md}" in err
     text = md.read_text()
@@ -487,7 +518,8 @@ def test_cli_writes_report_md_and_charts(tmp_path, capsys):
     (lambda tmp: _bad(tmp, "3"), r"results\.json holds a number, not a results record"),
     (lambda tmp: _bad(tmp, "null"), r"results\.json holds null, not a results record"),
     (lambda tmp: _bad(tmp, bytes(range(256))), r"results\.json is not a text file"),
-    (lambda tmp: _bad_splits(tmp, [1, 2]), r"dataset lacks 'splits', a mapping of split name to size, got a list"),
+    (lambda tmp: _bad_splits(tmp, [1, 2]),
+     r"dataset lacks 'splits', a mapping of split name to size, got a list"),
     (lambda tmp: _bad_splits(tmp, {"test": "many"}), r"dataset split 'test' should have a number of images"),
     (lambda tmp: _bad_outcomes(tmp), r"per-example outcomes of .* do not have the documented format"),
 ])
@@ -517,7 +549,8 @@ def _bad_splits(tmp, splits):
 
 def _bad_outcomes(tmp):
     shutil.copytree(GOOD / "knn/random", tmp / "bad")
-    np.savez_compressed(tmp / "bad/outcomes.npz", labels=np.zeros(5, np.int64), topk=np.zeros((4, 5), np.int64))
+    np.savez_compressed(tmp / "bad/outcomes.npz", labels=np.zeros(5, np.int64),
+                        topk=np.zeros((4, 5), np.int64))  # 5 labels, 4 predictions
     return tmp / "bad"
 
 

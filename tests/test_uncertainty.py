@@ -86,6 +86,20 @@ def test_welch_matches_scipy_and_needs_two_runs_a_side():
     assert welch_p(a, [68.0]) is None and welch_p([1.0, 1.0], [1.0, 1.0]) is None
 
 
+def test_first_recall_point_reached_is_exactly_searchsorted_on_the_ratio():
+    """Where recall tp/npos lands exactly on a threshold (3/10 vs 0.3), the float comparison
+    decides: the vectorised search must agree with the references' own np.searchsorted."""
+    from pycocotools.cocoeval import Params
+
+    from transfer.uncertainty import VOC07_RECALLS, _first_reaching
+
+    npos = np.arange(1, 301, dtype=np.float64)
+    tp = np.minimum(np.arange(0, 320, dtype=np.float64)[None, :], npos[:, None])  # every count 0..npos
+    for thresholds in (Params(iouType="bbox").recThrs, VOC07_RECALLS):
+        want = np.stack([np.searchsorted(tp[r] / npos[r], thresholds, side="left") for r in range(len(npos))])
+        assert np.array_equal(_first_reaching(tp, npos, thresholds), want)
+
+
 # ----------------------------------------------------------------------------- classification
 
 def test_classification_identity_and_a_redraw_match_scikit_learn():
@@ -106,7 +120,8 @@ def test_classification_identity_and_a_redraw_match_scikit_learn():
         y, s = labels[keep], scores[keep]
         assert got["top1"][0] == pytest.approx(100 * accuracy_score(y, topk[keep, 0]))
         assert got["top5"][0] == pytest.approx(100 * top_k_accuracy_score(y, s, k=5, labels=range(c)))
-        assert got["mean_per_class_accuracy"][0] == pytest.approx(100 * balanced_accuracy_score(y, topk[keep, 0]))
+        want = 100 * balanced_accuracy_score(y, topk[keep, 0])
+        assert got["mean_per_class_accuracy"][0] == pytest.approx(want)
 
 
 def test_multilabel_11_point_map_matches_the_voc_devkit_rule():
@@ -233,7 +248,8 @@ def test_coco_ground_truth_ids_from_zero_are_not_lost():
         a["id"], a["iscrowd"] = i, 0  # ids from 0, as some annotation tools export
     dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
             for a in gt["annotations"]]
-    got = DetectionOutcomes(gt, dets, "coco").evaluate(np.ones((1, len(gt["images"]))), {"AP": ("bbox", "AP")})
+    ev = DetectionOutcomes(gt, dets, "coco")
+    got = ev.evaluate(np.ones((1, len(gt["images"]))), {"AP": ("bbox", "AP")})
     assert got["AP"][0] == pytest.approx(100.0)
 
 
@@ -298,7 +314,8 @@ def test_voc07_redraw_equals_voc_eval_on_the_redrawn_set(tmp_path):
 
 
 def test_voc07_class_without_ground_truth_scores_zero_as_detectron2():
-    gt = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1, "name": "x"}, {"id": 2, "name": "y"}],
+    gt = {"images": [{"id": 1, "file_name": "a.png"}],
+          "categories": [{"id": 1, "name": "x"}, {"id": 2, "name": "y"}],
           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "iscrowd": 0}]}
     dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},
             {"image_id": 1, "category_id": 2, "bbox": [0, 0, 10, 10], "score": 0.8}]

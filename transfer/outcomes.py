@@ -121,7 +121,7 @@ def load(results_path, record: dict) -> dict:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"per-example outcomes of {results_path} cannot be read "
-                        f"({type(e).__name__}: {e}); re-run that task") from None
+                        f"({type(e).__name__}: {e}); re-run that task, or pass --bootstrap 0") from None
 
 
 def read(results_path, record: dict):

@@ -362,7 +362,8 @@ def _sibling_notes(tables) -> None:
         same = [u for u in tables if u is not t and u["task"] == t["task"] and u["dataset"] == t["dataset"]
                 and u["protocol"] and t["protocol"]]
         for u in same:
-            mine, theirs = (rp.flatten({k: p.get(k) for k in rp.DEFINING}) for p in (t["protocol"], u["protocol"]))
+            mine, theirs = (rp.flatten({k: p.get(k) for k in rp.DEFINING})
+                            for p in (t["protocol"], u["protocol"]))
             fields = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             t["notes"].append(f"not comparable with the {u['protocol'].get('name')} "
                               f"[{u['protocol_id'][:8]}] table: differs in {', '.join(fields[:8])}"
