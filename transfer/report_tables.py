@@ -345,7 +345,7 @@ def build_table(records, options: Options) -> dict:
     dataset = _dataset(records)
     return {"kind": "results", "task": task, "dataset": dataset, "protocol": protocol,
             "protocol_id": protocol.get("id", ""),
-            "title": f"{task} · {dataset} · {protocol.get('name') or '?'}",
+            "title": " · ".join(x for x in (task, dataset or "no data set", protocol.get("name")) if x),
             "header": rp.describe(protocol) if protocol else [], "metrics": metrics,
             "headers": [HEADERS.get(m, m) for m in metrics], "rows": out_rows, "notes": notes,
             "digits": options.digits}
