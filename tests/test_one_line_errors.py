@@ -31,6 +31,35 @@ def _binary_file(tmp_path, name="config.yaml"):
     return p
 
 
+def _results_file(content, splits=None):
+    """argv for `transfer report` on a folder whose results.json holds `content` (bytes or
+    text), or a valid record whose dataset splits are `splits`."""
+    def make(tmp):
+        folder = tmp / "run"
+        folder.mkdir()
+        data = content
+        if splits is not None:
+            import json
+
+            record = json.loads((ROOT / "tests/fixtures/results/good/knn/random/results.json").read_text())
+            record["dataset"]["splits"] = splits
+            data = json.dumps(record)
+        (folder / "results.json").write_bytes(data if isinstance(data, bytes) else data.encode())
+        return [str(folder), "--output", str(tmp / "out")]
+    return make
+
+
+def _report_read_only_output(tmp):
+    out = tmp / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    import os
+
+    if os.access(out, os.W_OK):  # root ignores modes: sysfs refuses new files to everyone
+        out = Path("/sys/kernel")
+    return [str(ROOT / "tests/fixtures/results/good/knn"), "--output", str(out)]
+
+
 def _pretrain(*overrides):
     return lambda tmp: ["--config", PRETRAIN_DEMO, "--output", str(tmp / "out"), *overrides]
 
@@ -47,6 +76,14 @@ CASES = [
     # ---- transfer detect ----
     # ---- transfer segment ----
     # ---- transfer report ----
+    ("report results.json a number", "transfer.report", _results_file("3"), r"holds a number, not a results record"),
+    ("report results.json null", "transfer.report", _results_file("null"), r"holds null, not a results record"),
+    ("report results.json binary", "transfer.report", _results_file(bytes(range(256)) * 4), r"is not a text file"),
+    ("report splits a list", "transfer.report", _results_file(None, splits=[1, 2]),
+     r"dataset lacks 'splits', a mapping of split name to size"),
+    ("report split size a string", "transfer.report", _results_file(None, splits={"test": "all"}),
+     r"split 'test' should have a number of images"),
+    ("report output read-only", "transfer.report", _report_read_only_output, r"cannot write report in "),
     # ---- transfer bench ----
 ]
 
