@@ -18,8 +18,9 @@ import torch
 from mocobench.errors import UserError
 from mocobench.fileio import atomic_write
 from converters import archs
-from converters.loader import D2_AUTHOR, MMSEG_FORMAT, Backbone, _read, check_backbone
+from converters.loader import D2_AUTHOR, MMSEG_FORMAT, Backbone, check_backbone
 from converters.names import tv_to_d2
+from converters.reader import read_checkpoint
 
 TORCHVISION_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                              "input_format": "RGB"}
@@ -108,7 +109,7 @@ def detectron2_expected(arch: str) -> dict:
 
 
 def _check_d2_file(path, bb, model):
-    obj = _read(Path(path), allow_pickle=False)
+    obj = read_checkpoint(path).obj
     if not isinstance(obj, dict) or set(obj) < {"model", "__author__", "matching_heuristics"}:
         raise UserError(f"written file {path} lacks model/__author__/matching_heuristics; this is a bug")
     got = obj["model"]

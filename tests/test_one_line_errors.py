@@ -4,6 +4,7 @@ exit status 2: no traceback, no partial output. One table for all the CLIs.
 A case is (id, cli, make_args, expected): `make_args(tmp_path)` builds whatever the case
 needs on disk and returns the argv; `expected` is a regex searched in the error line.
 """
+import os
 import re
 from pathlib import Path
 
@@ -35,6 +36,37 @@ def _pretrain(*overrides):
     return lambda tmp: ["--config", PRETRAIN_DEMO, "--output", str(tmp / "out"), *overrides]
 
 
+def _r18(tmp, name="r18 'in' ; spaces.pth") -> str:
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), tmp / name)
+    return str(tmp / name)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def _code_running(tmp) -> str:
+    import torch
+    import torchvision
+
+    torch.save({"state_dict": torchvision.models.resnet18().state_dict(), "x": _RunsCode(tmp / "ran")},
+               tmp / "evil.pth")
+    return str(tmp / "evil.pth")
+
+
+def _cut(tmp) -> str:
+    whole = Path(_r18(tmp)).read_bytes()
+    (tmp / "cut.pth").write_bytes(whole[: len(whole) // 2])
+    return str(tmp / "cut.pth")
+
+
 CASES = [
     # ---- configs, every CLI that reads one (mocobench.config) ----
     ("binary config", "pretrain",
@@ -43,6 +75,11 @@ CASES = [
     ("override not YAML", "pretrain", _pretrain("train.lr=[1"), r"override 'train.lr=\[1'.*not valid YAML"),
     # ---- pretrain ----
     # ---- converters ----
+    ("convert: a pickle that would run code", "converters",
+     lambda tmp: ["torchvision", _code_running(tmp), str(tmp / "out.pth")],
+     r"evil\.pth would run code when loaded: its pickle calls posix\.system; nothing was run"),
+    ("convert: truncated checkpoint", "converters", lambda tmp: ["torchvision", _cut(tmp), str(tmp / "o.pth")],
+     r"cut\.pth is truncated or corrupt \(.*\); re-download or re-save it"),
     # ---- transfer linear / knn / suite ----
     # ---- transfer detect ----
     # ---- transfer segment ----
