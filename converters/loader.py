@@ -27,12 +27,11 @@ import torch
 
 from mocobench.errors import UserError
 from mocobench.fileio import PRETRAIN_CHECKPOINT_FORMAT as PRETRAIN_FORMAT
+from mocobench.state import compare_state
 from converters import archs
+from converters.formats import MMSEG_FORMAT
 from converters.names import d2_to_tv
 from converters.reader import Placeholder, read_checkpoint
-
-MMSEG_FORMAT = "moco-bench.mmseg/1"
-D2_AUTHOR = "moco-bench"
 SUPPORTED = ("moco-bench pretrain checkpoint; MoCo official (module.encoder_q.*); "
              "mmselfsup/OpenSelfSup (backbone.*, encoder_q.0.*); torchvision state dict "
              "(conv1/bn1/layer1-4, optionally module.*); Detectron2 .pkl (stem.*, res2-res5)")
@@ -166,24 +165,8 @@ def _detect(obj, path):
 
 # ----------------------------------------------------------------------------- public API
 
-def load_backbone(path, *, arch: str | None = None, allow_pickle: bool = False) -> Backbone:
-    """Read any supported checkpoint and return its backbone in torchvision names.
-
-    Refuses (UserError, one line) a missing, truncated or unrecognised file, a backbone whose keys
-    or shapes differ from torchvision's `arch` in any way, and an explicit `arch` the weights
-    contradict. BN `num_batches_tracked` counters absent from the source (Detectron2 files carry
-    none) are filled with 0; they only matter for BatchNorm(momentum=None), which ResNet never uses.
-    Nothing the file contains is run unless allow_pickle and the file needs it (see
-    converters.reader); meta["pickle"] says what was kept inert or ran.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} not found; check the path")
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} is not a file; pass the checkpoint file itself")
-    ckpt = read_checkpoint(path, allow_pickle=allow_pickle)
-    layout, sd, prefix, naming, meta = _detect(ckpt.obj, path)
-
+def _split(sd: dict, prefix: str, naming: str, layout: str, path) -> tuple:
+    """-> ({torchvision name: tensor} of the backbone, {category: [dropped source keys]})."""
     backbone, dropped, unknown = {}, {}, []
     for key, value in sd.items():
         under = key.startswith(prefix)
@@ -201,9 +184,12 @@ def load_backbone(path, *, arch: str | None = None, allow_pickle: bool = False) 
         raise UserError(f"checkpoint {path} ({layout}): keys under {prefix or 'the top level'!r} that "
                         f"no torchvision ResNet has: {', '.join(unknown[:4])}"
                         f"{' ...' if len(unknown) > 4 else ''}; is this a ResNet backbone?")
+    return backbone, dropped
 
+
+def _arch(backbone: dict, said, arch: str | None, path) -> str:
+    """The arch the weights are, refusing a file or an `arch` argument that says otherwise."""
     inferred = archs.infer_arch(backbone)
-    said = meta.get("arch") if meta.get("arch") in archs.ARCHS else None  # e.g. MoCo's "resnet50w2"
     if said is not None and said != inferred:
         raise UserError(f"checkpoint {path} says arch {said!r} but its weights are a {inferred}; "
                         f"the file is inconsistent")
@@ -212,16 +198,38 @@ def load_backbone(path, *, arch: str | None = None, allow_pickle: bool = False) 
         if arch != inferred:
             raise UserError(f"checkpoint {path} holds a {inferred} backbone, not {arch}; "
                             f"drop --arch or pass --arch {inferred}")
+    return inferred
+
+
+def load_backbone(path, *, arch: str | None = None, allow_pickle: bool = False) -> Backbone:
+    """Read any supported checkpoint and return its backbone in torchvision names.
+
+    Refuses (UserError, one line) a missing, truncated or unrecognised file, a backbone whose keys
+    or shapes differ from torchvision's `arch` in any way, and an explicit `arch` the weights
+    contradict. BN `num_batches_tracked` counters absent from the source (Detectron2 files carry
+    none) are filled with 0; they only matter for BatchNorm(momentum=None), which ResNet never uses.
+    Nothing the file contains is run unless allow_pickle and the file needs it (see
+    converters.reader); meta["pickle"] says what was kept inert or ran.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} not found; check the path")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} is not a file; pass the checkpoint file itself")
+    ckpt = read_checkpoint(path, allow_pickle=allow_pickle)
+    layout, sd, prefix, naming, meta = _detect(ckpt.obj, path)
+    backbone, dropped = _split(sd, prefix, naming, layout, path)
+
+    said = meta.get("arch") if meta.get("arch") in archs.ARCHS else None  # e.g. MoCo's "resnet50w2"
+    inferred = _arch(backbone, said, arch, path)
     meta["arch"] = inferred
     meta["arch_from"] = "file" if said else ("argument" if arch else "inferred")
 
     expected = archs.expected_shapes(inferred)
-    filled = []
-    for key, shape in expected.items():
-        if key not in backbone and key.endswith("num_batches_tracked"):
-            backbone[key] = torch.tensor(0, dtype=torch.long)
-            filled.append(key)
-    check_backbone(backbone, inferred, where=f"checkpoint {path}")
+    filled = [k for k in expected if k not in backbone and k.endswith("num_batches_tracked")]
+    backbone.update({k: torch.tensor(0, dtype=torch.long) for k in filled})
+    compare_state(backbone, expected, values=False).refuse_unless_equal(
+        f"checkpoint {path}, read as a {inferred} backbone,", then="refusing a partial load")
     first = next((k for k in sd if k.startswith(prefix) and (d2_to_tv(k[len(prefix):]) if naming == "d2"
                   else k[len(prefix):]) == "conv1.weight"), None)
     meta.update(source=str(path), dropped=dropped, filled=filled, example_key=first,
@@ -235,19 +243,6 @@ def load_backbone(path, *, arch: str | None = None, allow_pickle: bool = False) 
 def _canonical(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().cpu()
     return (t.float() if t.is_floating_point() else t.long()).contiguous()
-
-
-def check_backbone(sd: dict, arch: str, where: str) -> None:
-    """Refuse unless `sd` has exactly torchvision's `arch` backbone keys with their shapes."""
-    expected = archs.expected_shapes(arch)
-    missing = [k for k in expected if k not in sd]
-    extra = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} != {expected[k]}" for k in expected
-             if k in sd and tuple(sd[k].shape) != expected[k]]
-    for label, bad in (("is missing", missing), ("has unexpected", extra), ("has wrong shapes", wrong)):
-        if bad:
-            raise UserError(f"{where} {label} {arch} backbone keys ({len(bad)}): "
-                            f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; refusing a partial load")
 
 
 def build_resnet(bb: Backbone) -> torch.nn.Module:
