@@ -57,7 +57,8 @@ def _pickle_line(pickle: dict) -> str:
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     bb = load_backbone(args.input, arch=args.arch, allow_pickle=args.allow_pickle)
-    report = CONVERTERS[args.format](bb, args.output, verify=not args.no_verify)
+    # The command holds its output folder's lock while it writes (library callers hold their own).
+    report = CONVERTERS[args.format](bb, args.output, verify=not args.no_verify, lock=True)
     print(f"{args.input}: {bb.layout} layout, {bb.arch} ({bb.meta['arch_from']})")
     print(_pickle_line(bb.meta["pickle"]))
     rows = report["rows"] + [(f"output keys ({report['format']})", report["keys"], report["path"])]

@@ -5,17 +5,26 @@ temporary name, read back, checked for exactly the expected keys and shapes of i
 with verify=True, loaded into the real consumer: see converters.verify), and only then renamed
 over the output path. A failed check raises UserError and leaves no output behind.
 
+Before writing, the output's folder is prepared by mocobench.fileio.prepare_output (created,
+a real write proven, room for the file checked), so an output that is a folder, read-only,
+inside a regular file or on a full disk is one line. lock=True (the `python -m converters`
+command) also takes that folder's lock; library callers (transfer tasks) write into folders
+whose lock they hold already, and under torchrun a second node's converting rank must not
+contend for it.
+
 Each returns a report: {"format", "path", "keys", "rows": [(what, count, example)], "checks": [str],
 "max_abs_diff": {stage: float} from the library check, or None when it did not run}.
 """
+import contextlib
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
 
 from mocobench.errors import UserError
-from mocobench.fileio import atomic_write
+from mocobench.fileio import atomic_write, prepare_output
 from mocobench.state import compare_state
 from converters import archs
 from converters.formats import (D2_AUTHOR, MMSEG_FORMAT, MMSEG_PREFIX, TORCHVISION_NORMALIZATION,
@@ -53,18 +62,40 @@ def _report(fmt, path, out_keys, rows, checks, diffs):
             "max_abs_diff": diffs}
 
 
-def _write(out: Path, bb: Backbone, save, check) -> None:
+def _cannot_write(out: Path, e: Exception) -> UserError:
+    why = getattr(e, "strerror", None)
+    if not why:  # torch's zip writer hides the errno: "[enforce fail at inline_container.cc] ..."
+        try:
+            free = f"{shutil.disk_usage(out.parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        why = f"the write failed with {free}"
+    return UserError(f"cannot write {out} ({why}); free disk space or choose another output path")
+
+
+def _write(out: Path, bb: Backbone, lock: bool, save, check) -> None:
     """Write `out` atomically: save(tmp) writes the file, check(tmp) proves it before it is
-    renamed into place."""
+    renamed into place. The folder is prepared first (see the module docstring)."""
     src = bb.meta.get("source")
     if src and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
         raise UserError(f"output {out} is the input file; choose another output path")
+    if out.is_dir():
+        raise UserError(f"output {out} is a folder; give the file to write, e.g. {out / ('model' + out.suffix)}")
+    need = sum(t.numel() * t.element_size() for t in bb.state_dict.values()) + 2**20  # + metadata
+    held = prepare_output(out.parent, "converted weights", need_bytes=need, lock=lock)
 
     def write(tmp):
-        save(tmp)
+        try:
+            save(tmp)
+        except (OSError, RuntimeError) as e:  # RuntimeError: torch's zip writer on a full disk
+            raise _cannot_write(out, e) from None
         check(tmp)
 
-    atomic_write(out, write)
+    with held or contextlib.nullcontext():
+        try:
+            atomic_write(out, write)
+        except OSError as e:
+            raise _cannot_write(out, e) from None
 
 
 def _check_read_back(got: dict, shapes: dict, written: dict, what: str) -> None:
@@ -85,7 +116,7 @@ def _check_d2_file(path, bb: Backbone, model: dict) -> str:
     return f"key set: exactly the {len(expected)} Detectron2 keys of {bb.arch}, shapes and values match"
 
 
-def to_detectron2(bb: Backbone, out, verify: bool = True) -> dict:
+def to_detectron2(bb: Backbone, out, verify: bool = True, lock: bool = False) -> dict:
     """Write `{"model": {name: ndarray}, "__author__": "moco-bench", "matching_heuristics": True,
     "meta": {...}}` for DetectionCheckpointer. `out` must end in .pkl: that is how Detectron2
     recognises this format."""
@@ -110,7 +141,7 @@ def to_detectron2(bb: Backbone, out, verify: bool = True) -> dict:
             diffs, line = verify_detectron2(bb, tmp)
             checks.append(line)
 
-    _write(out, bb, save, check)
+    _write(out, bb, lock, save, check)
     n_counters = sum(k.endswith("num_batches_tracked") for k in bb.state_dict) - len(bb.meta.get("filled", []))
     rows = [("mapped to Detectron2 names", len(model), f"{bb.meta.get('example_key')} -> stem.conv1.weight")]
     rows += _dropped_rows(bb)
@@ -122,7 +153,7 @@ def to_detectron2(bb: Backbone, out, verify: bool = True) -> dict:
 
 # ----------------------------------------------------------------------------- MMSegmentation
 
-def to_mmseg(bb: Backbone, out, verify: bool = True) -> dict:
+def to_mmseg(bb: Backbone, out, verify: bool = True, lock: bool = False) -> dict:
     """Write `{"state_dict": {"backbone.<torchvision name>": tensor}, "meta": {...}}` for mmseg's
     plain ResNet (style='pytorch', not ResNetV1c, whose deep stem would stay random), loaded
     with init_cfg=dict(type='Pretrained', checkpoint=out, prefix='backbone.'), pretrained=None."""
@@ -150,7 +181,7 @@ def to_mmseg(bb: Backbone, out, verify: bool = True) -> dict:
             diffs, line = verify_mmseg(bb, tmp)
             checks.append(line)
 
-    _write(out, bb, lambda tmp: torch.save({"state_dict": sd, "meta": meta}, tmp), check)
+    _write(out, bb, lock, lambda tmp: torch.save({"state_dict": sd, "meta": meta}, tmp), check)
     rows = [(f"mapped (prefixed {MMSEG_PREFIX})", len(sd), f"{bb.meta.get('example_key')} -> "
              f"{MMSEG_PREFIX}conv1.weight")] + _dropped_rows(bb)
     return _report("mmseg", out, sd, rows, checks, diffs)
@@ -168,7 +199,7 @@ def _check_torchvision_load(arch: str, sd: dict) -> str:
     return f"torchvision.models.{arch}(): loads with only fc.weight, fc.bias missing"
 
 
-def to_torchvision(bb: Backbone, out, verify: bool = True) -> dict:
+def to_torchvision(bb: Backbone, out, verify: bool = True, lock: bool = False) -> dict:
     """Write the backbone as a plain state dict: torchvision.models.<arch>() loads it with
     strict=False and only fc.weight/fc.bias missing."""
     out = Path(out)
@@ -183,7 +214,7 @@ def to_torchvision(bb: Backbone, out, verify: bool = True) -> dict:
         if verify:
             checks.append(_check_torchvision_load(bb.arch, got))
 
-    _write(out, bb, lambda tmp: torch.save(sd, tmp), check)
+    _write(out, bb, lock, lambda tmp: torch.save(sd, tmp), check)
     rows = [("mapped (torchvision names)", len(sd), f"{bb.meta.get('example_key')} -> conv1.weight")]
     return _report("torchvision", out, sd, rows + _dropped_rows(bb), checks, None)
 

@@ -509,6 +509,50 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         assert not (tmp_path / "out.pth").exists()
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: far too small for any ResNet."""
+    mnt = tmp_path / "small disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); needs root or a user namespace")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_write_that_fills_the_disk_is_one_line_and_leaves_nothing(small_disk, tmp_path, monkeypatch):
+    import converters.writers as writers
+
+    bb = load_backbone(_tv_file(tmp_path))
+    # As if the disk filled up after the folder was checked: the real writers meet the real full disk.
+    monkeypatch.setattr(writers, "prepare_output", lambda *args, **kwargs: None)
+    for fmt, name in (("detectron2", "out.pkl"), ("mmseg", "out.pth"), ("torchvision", "tv.pth")):
+        with pytest.raises(UserError, match=rf"cannot write {small_disk / name} \((No space left on device|the write "
+                                            rf"failed with 0\.\d MiB free there)\); free disk space") as e:
+            writers.CONVERTERS[fmt](bb, small_disk / name, verify=False)
+        assert "\n" not in str(e.value)
+        assert list(small_disk.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_the_command_holds_its_output_folders_lock(tmp_path):
+    hold = ("import sys, time; from mocobench.fileio import prepare_output; prepare_output(sys.argv[1], 'test'); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "out")], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        src = _tv_file(tmp_path)
+        res = _run_cli("torchvision", src, tmp_path / "out" / "r18.pth", "--no-verify")
+        assert res.returncode == 2 and f"is in use by pid {holder.pid}" in res.stderr, res.stderr
+        assert not (tmp_path / "out" / "r18.pth").exists()
+        # A library caller (a transfer task's rank writing into the folder its run holds) does not contend.
+        to_torchvision(load_backbone(src), tmp_path / "out" / "r18.pth", verify=False)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def _converters_modules():
     return sorted((ROOT / "converters").glob("*.py"))
 
