@@ -210,9 +210,9 @@ def _would_run_code(path, calls) -> UserError:
                      f"(allow_pickle=True), which runs that code")
 
 
-def _needs_code(path, placeholders, why) -> UserError:
+def _needs_code(path, culprit, why) -> UserError:
     return UserError(f"checkpoint {path} holds objects that only their own code can rebuild "
-                     f"({_names(placeholders)}: {_first_line(why)}); nothing was run. If you trust the "
+                     f"({culprit}: {_first_line(why)}); nothing was run. If you trust the "
                      f"file, pass --allow-pickle (allow_pickle=True), which runs that code")
 
 
@@ -268,8 +268,12 @@ def read_checkpoint(path, *, allow_pickle: bool = False) -> Checkpoint:
     their own code can rebuild; with allow_pickle the last two are loaded by Python's pickle.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path} ({e.strerror or e}); check the path and "
+                        f"its permissions") from None
     if not head:
         raise _corrupt(path, "empty file")
     zipped = head == b"PK\x03\x04"  # torch.save's zip format
@@ -283,12 +287,14 @@ def read_checkpoint(path, *, allow_pickle: bool = False) -> Checkpoint:
     except UserError:
         raise
     except _REBUILD_ERRORS as e:
-        met = sorted(record.classes)
-        if not met:  # no placeholder involved: the file itself is broken
+        if not record.classes:  # no placeholder involved: the file itself is broken
             raise _corrupt(path, e) from None
         if not allow_pickle:
-            raise _needs_code(path, met, e) from None
-        return Checkpoint(_unsafe_load(path, zipped), met, ran_code=True)
+            if record.calls:
+                raise _would_run_code(path, record.calls) from None
+            # the placeholder made last is the one being rebuilt when it failed
+            raise _needs_code(path, list(record.classes)[-1], e) from None
+        return Checkpoint(_unsafe_load(path, zipped), sorted(record.classes), ran_code=True)
     except Exception as e:  # EOFError, UnpicklingError, torch's zip RuntimeError, zipfile errors...
         raise _corrupt(path, e) from None
     outside = sorted(record.classes)
