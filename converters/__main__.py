@@ -41,14 +41,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pickle_line(pickle: dict) -> str:
-    outside = pickle["outside_allow_list"]
-    if pickle["ran_code"]:
-        return f"read with Python's pickle (--allow-pickle): it imported and ran {', '.join(outside)}"
+def _pickle_line(info: dict) -> str:
+    """One line on what reading the file ran (bb.meta["pickle"])."""
+    outside = info["outside_allow_list"]
+    # HistoryBuffer.min and the like (methods the file refers to) are shown under their class
+    outer = [n for n in outside if not any(n.startswith(f"{o}.") for o in outside)]
+    shown = ", ".join(outer[:4]) + (f" and {len(outer) - 4} more" if len(outer) > 4 else "")
+    if info["ran_code"]:
+        return f"read with Python's pickle (--allow-pickle): it imported and ran code of {shown}"
     if outside:
-        # HistoryBuffer.min and the like (methods the file refers to) are shown under their class
-        outer = [n for n in outside if not any(n.startswith(f"{o}.") for o in outside)]
-        shown = ", ".join(outer[:4]) + (f" and {len(outer) - 4} more" if len(outer) > 4 else "")
         return f"read without running its code: pickled objects kept as inert placeholders ({shown})"
     return "read without running its code: tensors and plain data only"
 
