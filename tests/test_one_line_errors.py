@@ -161,7 +161,32 @@ CASES = [
     ("convert: truncated checkpoint", "converters", lambda tmp: ["torchvision", _cut(tmp), str(tmp / "o.pth")],
      r"cut\.pth is truncated or corrupt \(.*\); re-download or re-save it"),
     # ---- transfer linear / knn / suite ----
-    # ---- transfer detect ----
+    # ---- transfer detect ---- (helpers at the end of the file)
+    ("detect output inside a file", "transfer.detect",
+     lambda tmp: _detect(tmp, output=_regular_file(tmp) / "out"), r"is a file, not a folder"),
+    ("detect VOC without its split file", "transfer.detect", lambda tmp: _detect(tmp, test_split="test"),
+     r"create .*ImageSets/Main/test.txt listing the images"),
+    ("detect NUM_CLASSES against the data", "transfer.detect",
+     lambda tmp: _detect(tmp, extra=["MODEL.ROI_HEADS.NUM_CLASSES", "20"]),
+     r"NUM_CLASSES is 20 but .* has 10 classes"),
+    ("detect image missing", "transfer.detect", lambda tmp: _detect(tmp, damage="missing"),
+     r"1 of 4 images are missing"),
+    ("detect image size against its annotation", "transfer.detect", lambda tmp: _detect(tmp, damage="size"),
+     r"is 64x128 but its annotation says 128x128"),
+    ("detect 16-bit image", "transfer.detect", lambda tmp: _detect(tmp, damage="16bit"), r"16/32-bit"),
+    ("detect random without arch", "transfer.detect", lambda tmp: _detect(tmp, weights="random"),
+     r"--weights random needs an architecture"),
+    ("detect code-running pkl", "transfer.detect", lambda tmp: _detect(tmp, weights=_code_running_pkl(tmp)),
+     r"pickled Python objects .*pass --allow-pickle"),
+    ("detect R34 pkl under DEPTH 18", "transfer.detect", lambda tmp: _detect(tmp, weights=_r34_pkl(tmp)),
+     r"MODEL.RESNETS.DEPTH is 18, the weights need 34"),
+    ("detect multi-machine with dist-url auto", "transfer.detect",
+     lambda tmp: _detect(tmp, flags=["--num-machines", "2"]), r"pass --dist-url tcp://"),
+    ("detect COCO object of category 0", "transfer.detect", lambda tmp: _detect_coco(tmp),
+     r"category_id 0, the background"),
+    ("detect flag after the overrides", "transfer.detect",
+     lambda tmp: _detect(tmp, extra=["SOLVER.MAX_ITER", "2", "--allow-pickle"]),
+     r"--allow-pickle comes after the KEY VALUE overrides"),
     # ---- transfer segment ----
     # ---- transfer report ----
     ("report results.json a number", "transfer.report", _results_file("3"), r"holds a number, not a results record"),
@@ -187,3 +212,85 @@ def test_bad_input_is_one_line_and_exit_2(cli, make_args, expected, tmp_path, ca
     assert [line for line in err if line.startswith("error: ")] == [err[-1]]
     assert not any("Traceback" in line for line in err), err
     assert re.search(expected, err[-1]), err[-1]
+
+
+# ----------------------------------------------------------------------------- transfer detect
+
+DETECT_DEMO = str(ROOT / "configs/detection/demo_scenes_voc_R18_FPN.yaml")
+
+
+def _regular_file(tmp):
+    p = tmp / "a_file"
+    p.write_text("x")
+    return p
+
+
+def _r18(tmp):
+    import torch
+    import torchvision
+
+    path = tmp / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+def _detect(tmp, weights=None, output=None, test_split="trainval", extra=(), flags=(), damage=None):
+    """transfer detect on a 4-image VOC folder of the user's (path with a space and a ';')."""
+    import numpy as np
+    from PIL import Image
+
+    from transfer import scenes as sc
+
+    voc = sc.write_voc(tmp / "my voc; data", {"trainval": sc.compose_scenes(4, seed=0)})
+    first = voc / "JPEGImages" / "000000.jpg"
+    if damage == "missing":
+        first.unlink()
+    elif damage == "size":
+        Image.new("RGB", (64, 128)).save(first)
+    elif damage == "16bit":
+        first.unlink()
+        Image.fromarray(np.zeros((128, 128), np.uint16)).save(first.with_suffix(".png"), format="PNG")
+        first.with_suffix(".png").rename(first)
+    return ["--config", DETECT_DEMO, "--weights", str(weights or _r18(tmp)), "--output", str(output or tmp / "out"),
+            "--engine", "torchvision", *flags, "DATASETS.TRAIN", f"('voc:{voc}:trainval',)",
+            "DATASETS.TEST", f"('voc:{voc}:{test_split}',)", *extra]
+
+
+def _detect_coco(tmp):
+    import json
+
+    from transfer import scenes as sc
+
+    root = sc.write_coco(tmp / "coco", {"train": sc.compose_scenes(4, seed=0)})
+    ann = root / "annotations" / "instances_train.json"
+    data = json.loads(ann.read_text())
+    data["categories"].insert(0, {"id": 0, "name": "background"})
+    data["annotations"][0]["category_id"] = 0
+    ann.write_text(json.dumps(data))
+    name = f"('coco:{ann}:{root / 'train'}',)"
+    return ["--config", DETECT_DEMO, "--weights", str(_r18(tmp)), "--output", str(tmp / "out"),
+            "--engine", "torchvision", "DATASETS.TRAIN", name, "DATASETS.TEST", name]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').close()",))
+
+
+def _code_running_pkl(tmp):
+    import pickle
+
+    path = tmp / "weights.pkl"
+    path.write_bytes(pickle.dumps({"model": {}, "payload": _RunsCode()}))
+    return path
+
+
+def _r34_pkl(tmp):
+    import torch
+    import torchvision
+
+    from converters import load_backbone, to_detectron2
+
+    torch.save(torchvision.models.resnet34().state_dict(), tmp / "r34.pth")
+    to_detectron2(load_backbone(tmp / "r34.pth"), tmp / "r34.pkl", verify=False)
+    return tmp / "r34.pkl"

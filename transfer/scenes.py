@@ -8,7 +8,8 @@ on them unchanged.
 
 Public API (stable; the detection and segmentation tasks both use it)::
 
-    scenes = compose_scenes(n, seed=0, canvas=128, objects=(2, 4), scale=(1.0, 2.0), name_offset=0)
+    scenes = compose_scenes(n, seed=0, canvas=128, objects=(2, 4), scale=(1.0, 2.0), name_offset=0,
+                            background="gradient")
         # -> list[Scene], deterministic given the arguments. Items are drawn
         #    without replacement across the whole list (so the train and val
         #    scenes of one call never share an item) until the 10k test items
@@ -18,8 +19,10 @@ Public API (stable; the detection and segmentation tasks both use it)::
     write_voc(root, {"train": scenes[:n], "val": scenes[n:]})   # -> root
     write_coco(root, {"train": ..., "val": ...})               # -> root
     write_mmseg(root, {"train": ..., "val": ...})              # -> root
-    paths = ensure_demo_scenes(root, n_train, n_val, seed)      # -> dict of Paths
-        # {"root", "voc", "coco", "mmseg"}; written once, reused afterwards.
+    paths = ensure_demo_scenes(root, n_train, n_val, seed, canvas=128, objects=(2, 4),
+                               scale=(1.0, 2.0), background="gradient")  # -> dict of Paths
+        # {"root", "voc", "coco", "mmseg"}; written once, reused afterwards. Non-default
+        # objects / scale / background extend the folder name (the detection demo uses them).
 
 Scene contents (``Scene``): ``image`` H x W x 3 uint8 RGB; ``boxes`` N x 4
 float32 XYXY in absolute pixel-edge coordinates (x1, y1 exclusive, so a box

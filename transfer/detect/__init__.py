@@ -86,22 +86,22 @@ def _check_launch(args, engine: str) -> None:
         raise UserError("--num-gpus and --num-machines must be at least 1")
     if not 0 <= args.machine_rank < args.num_machines:
         raise UserError(f"--machine-rank {args.machine_rank} must be in 0..{args.num_machines - 1}")
+    if args.num_machines > 1 and args.dist_url == "auto":  # Detectron2's launch asserts on it
+        raise UserError(f"--num-machines {args.num_machines} needs a rendezvous all machines reach: pass "
+                        f"--dist-url tcp://<machine 0's address>:<free port>, the same on every machine")
     if engine == "torchvision" and (args.num_gpus > 1 or args.num_machines > 1):
         raise UserError("--num-gpus/--num-machines drive Detectron2's launcher; run the torchvision engine "
                         "under torchrun instead (torchrun --nproc_per_node N -m transfer detect ...)")
-    if args.num_machines > 1 and args.dist_url == "auto":
-        raise UserError(f"--num-machines {args.num_machines} needs a rendezvous all machines reach: pass "
-                        f"--dist-url tcp://<machine 0's address>:<free port>, the same on every machine")
 
 
 def _prepare_folder(out: Path, lead: bool):
     """Create, prove writable and lock the output folder (the first process only: other ranks
     and machines write into the folder it holds)."""
-    from transfer.detect.record import remove_previous
+    from transfer.results import start_run
 
     lock = prepare_output(out, "detection run", lock=lead)
     if lead:
-        remove_previous(out)
+        start_run(out)  # a run that then fails leaves no results.json for `report` to read
     return lock
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from yacs.config import CfgNode
 
-from mocobench.config import merge, read_mapping
+from mocobench.config import find_config, merge, read_mapping
 from mocobench.errors import UserError
 
 # Ours: present in both engines' configs.
@@ -144,7 +144,7 @@ def defaults() -> dict:
 
 def read_chain(path) -> list[tuple[Path, dict]]:
     """The YAML mappings of `path` and of its ``_BASE_`` chain, base first (each without _BASE_)."""
-    path = Path(path)
+    path = find_config(path)
     data = read_mapping(path, hint=" (the shipped ones are in configs/detection/)")
     base = data.pop("_BASE_", None)
     chain = read_chain(path.parent / base) if base else []

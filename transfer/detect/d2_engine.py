@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from mocobench.config import find_config
 from mocobench.errors import UserError
 from transfer.detect import config as dcfg
 from transfer.detect import datasets as ds
@@ -152,7 +153,8 @@ def _base_cfg() -> CfgNode:
 def build_cfg(path, opts) -> CfgNode:
     """Detectron2's config + our DATASETS.ROOT/SCENES keys, merged from `path` and KEY VALUE `opts`."""
     cfg = _base_cfg()
-    if not Path(path).is_file():
+    path = find_config(path)  # configs/detection/... also after pip install
+    if not path.is_file():
         raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config "
                         f"(the shipped ones are in configs/detection/)")
     try:
@@ -285,7 +287,7 @@ def main(args, out: Path):
         print(f"[detect] weights {args.weights} -> {d2_weights}: {line}", flush=True)
     cfg.MODEL.WEIGHTS = str(d2_weights)
     job = {
-        "config_file": str(args.config), "resume": args.resume, "name": Path(args.config).stem, "t0": t0,
+        "config_file": str(find_config(args.config)), "resume": args.resume, "name": Path(args.config).stem, "t0": t0,
         **data, "weights_record": weights,
         "run": {"detectron2_version": detectron2.__version__, "device": cfg.MODEL.DEVICE,
                 "num_gpus": args.num_gpus, "num_machines": args.num_machines,

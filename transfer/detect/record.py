@@ -21,7 +21,6 @@ NOT_PROTOCOL = {
     "MODEL.RESNETS.DEPTH", "MODEL.RESNETS.STRIDE_IN_1X1", "MODEL.RESNETS.RES2_OUT_CHANNELS",
     "MODEL.RESNETS.NUM_GROUPS", "MODEL.RESNETS.WIDTH_PER_GROUP", "RUN",
 }
-OUTCOME_FILES = ("results.json", "ground_truth.json", "detections.json")
 
 
 def _flat(node: dict, prefix: str = ""):
@@ -92,9 +91,3 @@ def write(out, *, engine: str, name: str, cfg: dict, defaults: dict, data: dict,
                          weights=weights, engine=engine, protocol=protocol, config=cfg, seed=seed,
                          wall_time_s=wall_time_s, metrics=scores, outcomes=outcomes)
     return path, scores
-
-
-def remove_previous(out) -> None:
-    """A run that fails must not leave the previous run's results for `report` to read."""
-    for file in OUTCOME_FILES:
-        (Path(out) / file).unlink(missing_ok=True)
