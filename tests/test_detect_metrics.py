@@ -50,8 +50,8 @@ def voc_gaps(tmp_path_factory):
 
 def _noisy_predictions(gt: dict, seed: int) -> list:
     """Jittered copies of the ground truth (some with the wrong class, some twice), plus false
-    positives; boxes on a 1/4-pixel grid and scores on a coarse grid, so that ties in score
-    are common and both evaluators see exactly the same numbers."""
+    positives; boxes on a 1/4-pixel grid (exact in float32 and float64, so both evaluators see
+    the same numbers) and scores that tie once rounded to 3 decimals, as Detectron2 writes them."""
     rng = np.random.default_rng(seed)
     dets = []
     sizes = {img["id"]: (img["width"], img["height"]) for img in gt["images"]}
@@ -62,14 +62,19 @@ def _noisy_predictions(gt: dict, seed: int) -> list:
             x, y, w, h = (np.round(np.array([x, y, max(w, 2), max(h, 2)]) * 4) / 4).tolist()
             cat = a["category_id"] if rng.random() > 0.2 else int(rng.integers(1, ncls + 1))
             dets.append({"image_id": a["image_id"], "category_id": cat, "bbox": [x, y, w, h],
-                         "score": float(np.float32(round(rng.random(), 2)))})
+                         "score": _score(rng, 1.0)})
     for img, (width, height) in sizes.items():
         for _ in range(3):
             x, y = rng.uniform(0, width - 20), rng.uniform(0, height - 20)
             dets.append({"image_id": img, "category_id": int(rng.integers(1, ncls + 1)),
                          "bbox": [float(np.round(x * 4) / 4), float(np.round(y * 4) / 4), 16.0, 12.5],
-                         "score": float(np.float32(round(rng.random() * 0.5, 2)))})
+                         "score": _score(rng, 0.5)})
     return dets
+
+
+def _score(rng, top: float) -> float:
+    """A float32 score that Detectron2's 3-decimal rounding often ties with others."""
+    return float(np.float32(round(rng.random() * top, 2) + rng.uniform(0, 4e-4)))
 
 
 def _as_predictions(gt: dict) -> list:
