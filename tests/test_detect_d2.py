@@ -133,6 +133,14 @@ def test_voc_layout_train_and_evaluate(moco_r18, tmp_path):
     p = r["protocol"]
     assert p["schedule"]["iterations"] == 2 and p["schedule"]["config"]["MODEL.RESNETS.NORM"] == "SyncBN"
     assert "MODEL.WEIGHTS" not in p["schedule"]["config"] and "OUTPUT_DIR" not in p["schedule"]["config"]
+    # The torchvision engine on the same config: the same data, metric and inputs, another protocol.
+    from transfer.detect import main
+
+    main(["--config", str(CONFIGS / "demo_scenes_voc_R18_FPN.yaml"), "--weights", str(moco_r18),
+          "--output", str(tmp_path / "tv"), "--engine", "torchvision", *TINY])
+    tv = read_results(tmp_path / "tv" / "results.json")["protocol"]
+    assert tv["dataset"] == p["dataset"] and tv["metric"] == p["metric"] and tv["input"] == p["input"]
+    assert tv["engine"] == "torchvision" and tv["id"] != p["id"]
     assert r["weights"]["layout"] == "moco-official"
     run = r["config"]["RUN"]
     assert "MODEL.RESNETS.NORM SyncBN -> BN at world size 1" in run["norm"]

@@ -68,11 +68,12 @@ def load_data(cfg: dict, explicit: set) -> dict:
         ds.check_images(records, name, every_image=dist.is_main_process())
     cfg["MODEL"]["ROI_HEADS"]["NUM_CLASSES"] = ds.check_num_classes(
         cfg, classes, train_specs[0].name, "MODEL.ROI_HEADS.NUM_CLASSES" in explicit)
+    identity = record.dataset(counts, test_spec.name, test, train, classes)  # as read, as the Detectron2 engine
     if cfg["DATALOADER"]["FILTER_EMPTY_ANNOTATIONS"]:
         train = [r for r in train if any(not a["iscrowd"] for a in r["annotations"])]
     if not train:
         raise UserError(f"{train_specs[0].name} has no image with a (non-crowd) object to train on")
-    return {"train": train, "test": test, "classes": classes, "counts": counts, "test_spec": test_spec}
+    return {"train": train, "test": test, "classes": classes, "test_spec": test_spec, "identity": identity}
 
 
 def _resume(model, optimizer, scheduler, out: Path, resume: bool) -> int:
@@ -201,7 +202,7 @@ def _write(cfg, data, detections, weights, out: Path, name: str, wall: float) ->
     gt = ds.ground_truth(data["test"], data["classes"], with_masks=cfg["MODEL"]["MASK_ON"])
     path, metrics = record.write(
         out, engine="torchvision", name=name, cfg=cfg, defaults=dcfg.defaults(), metric=metric,
-        data=record.dataset(data["counts"], test.name, data["test"], data["train"], data["classes"]),
+        data=data["identity"],
         ground_truth=gt, detections=detections, weights=weights, seed=cfg["SEED"], wall_time_s=wall)
     log(f"{metric} metrics: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     return path
