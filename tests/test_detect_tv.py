@@ -70,7 +70,7 @@ def test_fpn_faster_rcnn_on_voc_layout(r18_weights, tmp_path):
     # The protocol comes from the resolved run: the override of MAX_ITER is in it.
     p = r["protocol"]
     assert p["name"] == "demo_scenes_voc_R18_FPN" and p["engine"] == "torchvision"
-    assert p["schedule"]["iterations"] == 2 and p["schedule"]["batch"] == 2 and p["schedule"]["lr"] == 0.01
+    assert p["schedule"]["iterations"] == 2 and p["schedule"]["batch"] == 2 and p["schedule"]["lr"] == 0.02
     assert p["input"]["min_size_test"] == 64 and "VOC07 11-point" in p["metric"]["AP50"]
     assert p["dataset"]["class_names"][0] == "t-shirt" and p["dataset"]["splits"]["scenes_voc_val"] == 4
     # Per-image outcomes: the evaluated ground truth and every detection, re-scorable.
@@ -210,7 +210,8 @@ def test_a_failed_rerun_leaves_no_previous_results(r18_weights, tmp_path):
     with pytest.raises(SystemExit):
         main(["--config", str(CONFIGS / "demo_scenes_voc_R18_FPN.yaml"), "--weights", str(r18_weights),
               "--output", str(tmp_path), "--engine", "torchvision", *TINY, "DATASETS.TEST", "('scenes_voc_nope',)"])
-    assert not (tmp_path / "results.json").exists() and not (tmp_path / "detections.json").exists()
+    assert not (tmp_path / "results.json").exists()  # moved aside before the run (results.start_run)
+    assert read_results(tmp_path / "results.previous.json")["task"] == "detect"
 
 
 # ----------------------------------------------------------------------------- untrusted weights

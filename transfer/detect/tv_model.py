@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from mocobench.errors import UserError
-from transfer.detect.config import get
+from transfer.detect.config import get, set_value
 
 C4_BACKBONE = "build_resnet_backbone"
 FPN_BACKBONE = "build_resnet_fpn_backbone"
@@ -101,7 +101,8 @@ def freeze_stages(resnet: nn.Module, freeze_at: int) -> None:
 
 def sync_norms(model: nn.Module, cfg: dict, world: int, device) -> tuple[list, nn.Module]:
     """SyncBN/naiveSyncBN: torch SyncBatchNorm across GPU ranks; plain BN at world size 1 and
-    on CPU processes (torch's SyncBatchNorm refuses CPU tensors). Returns (notes, model)."""
+    on CPU processes (torch's SyncBatchNorm refuses CPU tensors), written back into `cfg` as
+    "BN" (what ran, as the Detectron2 engine records it). Returns (notes, model)."""
     notes = []
     sync = world > 1 and device.type == "cuda"
     for key, part in (("MODEL.RESNETS.NORM", "backbone and res5 head"), ("MODEL.FPN.NORM", "FPN")):
@@ -111,6 +112,7 @@ def sync_norms(model: nn.Module, cfg: dict, world: int, device) -> tuple[list, n
             else:
                 where = "at world size 1" if world == 1 else "per CPU process (no SyncBatchNorm on CPU)"
                 notes.append(f"{key} {get(cfg, key)} -> BN {where} ({part})")
+                set_value(cfg, key, "BN")
     if sync and notes:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return notes, model
