@@ -57,7 +57,8 @@ def run_row(label: str, weights: str, args, opts: list, out: Path) -> dict:
     wall = time.time() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    (out / "stage.log").write_text(proc.stdout + proc.stderr) if out.is_dir() else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stage.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
         return {"label": label, "status": f"failed: {tail}", "wall_s": wall, "cpu_s": cpu}

@@ -72,6 +72,7 @@ def test_fpn_faster_rcnn_on_voc_layout(r18_weights, tmp_path):
     assert p["name"] == "demo_scenes_voc_R18_FPN" and p["engine"] == "torchvision"
     assert p["schedule"]["iterations"] == 2 and p["schedule"]["batch"] == 2 and p["schedule"]["lr"] == 0.02
     assert p["input"]["min_size_test"] == 64 and "VOC07 11-point" in p["metric"]["AP50"]
+    assert p["schedule"]["config"]["MODEL.RESNETS.NORM"] == "BN"  # what ran at world size 1
     assert p["dataset"]["class_names"][0] == "t-shirt" and p["dataset"]["splits"]["scenes_voc_val"] == 4
     # Per-image outcomes: the evaluated ground truth and every detection, re-scorable.
     from transfer import outcomes
