@@ -131,8 +131,8 @@ def test_voc_layout_train_and_evaluate(moco_r18, tmp_path):
     saved = outcomes.load(tmp_path / "results.json", r)
     assert metrics.score(saved["ground_truth"], saved["detections"], "voc07") == pytest.approx(r["metrics"])
     p = r["protocol"]
-    assert p["schedule"]["iterations"] == 2 and p["schedule"]["config"]["MODEL.RESNETS.NORM"] == "BN"  # what ran
-    assert "MODEL.WEIGHTS" not in p["schedule"]["config"] and "OUTPUT_DIR" not in p["schedule"]["config"]
+    assert p["schedule"]["iterations"] == 2 and p["model"]["norm"] == "BN"  # what ran
+    assert "MODEL.WEIGHTS" not in p["model"]["config"] and "OUTPUT_DIR" not in p["schedule"]["config"]
     # The torchvision engine on the same config: the same data, metric and inputs, another protocol.
     from transfer.detect import main
 

@@ -72,7 +72,7 @@ def test_fpn_faster_rcnn_on_voc_layout(r18_weights, tmp_path):
     assert p["name"] == "demo_scenes_voc_R18_FPN" and p["engine"] == "torchvision"
     assert p["schedule"]["iterations"] == 2 and p["schedule"]["batch"] == 2 and p["schedule"]["lr"] == 0.02
     assert p["input"]["min_size_test"] == 64 and "VOC07 11-point" in p["metric"]["AP50"]
-    assert p["schedule"]["config"]["MODEL.RESNETS.NORM"] == "BN"  # what ran at world size 1
+    assert p["model"]["norm"] == "BN" and p["model"]["backbone"] == "build_resnet_fpn_backbone"  # what ran
     assert p["dataset"]["class_names"][0] == "t-shirt" and p["dataset"]["splits"]["scenes_voc_val"] == 4
     # Per-image outcomes: the evaluated ground truth and every detection, re-scorable.
     from transfer import outcomes
@@ -230,7 +230,7 @@ class _RunsCode:
 def _code_running_pkl(path, marker):
     """A Detectron2 .pkl of a real ResNet-18 backbone that also carries a code-running object."""
     from converters import load_backbone
-    from converters.writers import detectron2_state_dict
+    from converters.formats import detectron2_state_dict
 
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), path.with_suffix(".pth"))
@@ -253,7 +253,7 @@ def test_a_code_running_pkl_runs_nothing_without_allow_pickle(engine, tmp_path, 
         main(argv + TINY)
     assert e.value.code == 2 and not marker.exists()
     err = capsys.readouterr().err
-    assert "pickled Python objects" in err and "pass --allow-pickle" in err
+    assert "would run code when loaded" in err and "pass --allow-pickle" in err
     main(argv + ["--allow-pickle"] + TINY)  # the user vouches for the file: its code runs in our reader
     assert marker.read_text() == "x"  # once: the engine loaded only the clean file written from it
     r = read_results(tmp_path / "out" / "results.json")

@@ -42,18 +42,35 @@ def _relevant(key: str) -> bool:
         and not key.startswith("DATASETS.SCENES.")  # the scenes are identified by the data fingerprint
 
 
-def schedule(cfg: dict, defaults: dict) -> dict:
-    """The training values, readable, plus every other protocol key that differs from the
-    engine's defaults (overrides included: they are in the resolved config)."""
-    s, pbn = cfg["SOLVER"], cfg["TEST"]["PRECISE_BN"]
+def _changed(cfg: dict, defaults: dict, model: bool) -> dict:
+    """Protocol keys of the resolved config (overrides included) that differ from the engine's
+    defaults: the MODEL section's (model=True) or the others'."""
     base = dict(_flat(defaults))
+    return {k: v for k, v in _flat(cfg) if _relevant(k) and k.startswith("MODEL.") == model
+            and (k not in base or base[k] != v)}
+
+
+def model(cfg: dict, defaults: dict) -> dict:
+    """What is built around the backbone (C4 and FPN, Faster and Mask R-CNN are different
+    protocols): readable, plus every other MODEL key that differs from the defaults."""
+    m = cfg["MODEL"]
+    return {"detector": "Mask R-CNN" if m["MASK_ON"] else "Faster R-CNN", "backbone": m["BACKBONE"]["NAME"],
+            "roi_heads": m["ROI_HEADS"]["NAME"], "mask_on": m["MASK_ON"], "norm": m["RESNETS"]["NORM"],
+            "fpn_norm": m["FPN"]["NORM"], "freeze_at": m["BACKBONE"]["FREEZE_AT"],
+            "config": _changed(cfg, defaults, model=True)}
+
+
+def schedule(cfg: dict, defaults: dict) -> dict:
+    """The training values, readable, plus every other (non-MODEL) protocol key that differs
+    from the engine's defaults."""
+    s, pbn = cfg["SOLVER"], cfg["TEST"]["PRECISE_BN"]
     return {
         "iterations": s["MAX_ITER"], "lr": s["BASE_LR"], "batch": s["IMS_PER_BATCH"],
         "warmup_iters": s["WARMUP_ITERS"], "warmup_factor": s["WARMUP_FACTOR"],
         "warmup_method": s["WARMUP_METHOD"], "steps": list(s["STEPS"]), "gamma": s["GAMMA"],
         "momentum": s["MOMENTUM"], "weight_decay": s["WEIGHT_DECAY"],
         "precise_bn_iters": pbn["NUM_ITER"] if pbn["ENABLED"] else 0,
-        "config": {k: v for k, v in _flat(cfg) if _relevant(k) and (k not in base or base[k] != v)},
+        "config": _changed(cfg, defaults, model=False),
     }
 
 
@@ -86,7 +103,7 @@ def write(out, *, engine: str, name: str, cfg: dict, defaults: dict, data: dict,
     outcomes = save_detection(out, ground_truth, detections, metric)
     protocol = protocol_record(name=name, task="detect", engine=engine,
                                metric=metrics.definitions(metric, mask_on), schedule=schedule(cfg, defaults),
-                               input=input_sizes(cfg), dataset=data)
+                               input=input_sizes(cfg), dataset=data, model=model(cfg, defaults))
     path = write_results(out, task="detect", dataset={k: data[k] for k in ("name", "splits", "classes")},
                          weights=weights, engine=engine, protocol=protocol, config=cfg, seed=seed,
                          wall_time_s=wall_time_s, metrics=scores, outcomes=outcomes)
