@@ -13,8 +13,9 @@ coco   COCOeval (pycocotools) ``evaluate()`` is run ONCE for the per-image match
        Masks ("segm", reported as mask_AP...) when the detections carry segmentations.
 voc07  Detectron2's PascalVOCDetectionEvaluator / voc_eval rule: per class, each detection in
        descending score is matched to the ground truth of its image and class with the
-       largest IoU (+1 pixel convention on the inclusive pixel corners x..x+w-1 of a COCO
-       [x, y, w, h] box); above the IoU threshold it is a true positive if that ground truth is
+       largest IoU (+1 pixel convention on the inclusive 1-based corners x+1..x+w of a COCO
+       [x, y, w, h] box, detections rounded to 0.1 pixel and scores to 3 decimals as
+       Detectron2 writes them); above the IoU threshold it is a true positive if that ground truth is
        not yet taken, a false positive if it is; a match to a "difficult" box (iscrowd 1)
        counts neither way. VOC07 11-point AP; AP50 at .5, AP75 at .75, AP the mean over
        .50:.95; a class without ground truth scores 0 and stays in the mean, as in Detectron2.
@@ -216,10 +217,13 @@ def coco_ranked(gt: dict, detections: list, iou_type: str, image_ids: list) -> l
 
 # ----------------------------------------------------------------------------- VOC07
 
-def _corners(boxes):
-    """COCO [x, y, w, h] -> inclusive pixel corners [x1, y1, x2, y2] (x2 = x + w - 1)."""
+def _corners(boxes, written: bool = False):
+    """COCO [x, y, w, h] -> voc_eval's inclusive 1-based corners [x + 1, y + 1, x + w, y + h];
+    written: rounded to 0.1 pixel, as Detectron2 writes detections to voc_eval's text files
+    (transfer.detect.metrics.voc07 does the same: the outcomes then re-score exactly)."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2] - 1, b[:, 1] + b[:, 3] - 1], 1)
+    c = np.stack([b[:, 0] + 1, b[:, 1] + 1, b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]], 1)
+    return np.array([[float(f"{v:.1f}") for v in row] for row in c]).reshape(-1, 4) if written else c
 
 
 def _voc_iou(box, gts):
@@ -244,7 +248,8 @@ def voc07_ranked(gt: dict, detections: list, image_ids: list) -> list:
     ranked = []
     for cat in gt["categories"]:
         mine = [d for d in detections if d["category_id"] == cat["id"]]
-        order = np.argsort(-np.array([d["score"] for d in mine], dtype=np.float64))
+        # scores as Detectron2 writes them (3 decimals): its ties are ranked as it ranks them
+        order = np.argsort(-np.array([float(f"{d['score']:.3f}") for d in mine], dtype=np.float64))
         mine = [mine[i] for i in order]
         positives = np.zeros(len(image_ids))
         boxes = {}
@@ -265,7 +270,7 @@ def _voc_match(ranked_dets: list, boxes: dict):
     tp = np.zeros((len(VOC_IOUS), len(ranked_dets)), bool)
     fp = np.zeros_like(tp)
     taken = {image_id: np.zeros((len(VOC_IOUS), len(g)), bool) for image_id, (g, _) in boxes.items()}
-    corners = _corners([d["bbox"] for d in ranked_dets])
+    corners = _corners([d["bbox"] for d in ranked_dets], written=True)
     for k, d in enumerate(ranked_dets):
         gts, difficult = boxes.get(d["image_id"], (np.zeros((0, 4)), np.zeros(0, bool)))
         if not len(gts):
