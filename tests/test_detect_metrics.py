@@ -183,3 +183,19 @@ def test_masks_score_100_and_no_detection_is_nan(tmp_path):
     assert scores["mask_AP"] == 100.0 and scores["AP"] == 100.0
     assert all(math.isnan(v) for v in metrics.score(gt, [], "coco").values())
     assert all(math.isnan(v) for v in metrics.score(gt, [], "voc07").values())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reports_bootstrap_redrawing_nothing_gives_the_scored_numbers(voc, seed):
+    """`report` re-scores the saved outcomes (transfer.uncertainty_detection) to put intervals on
+    them, and shows none when it does not get the number results.json holds: its VOC07 rule must
+    round scores and boxes as Detectron2 (and metrics.voc07) do."""
+    from transfer.uncertainty_detection import DetectionOutcomes
+
+    _, records, classes = voc
+    gt = ds.ground_truth(records, classes)
+    dets = sorted(_noisy_predictions(gt, seed), key=lambda d: d["image_id"])
+    ev = DetectionOutcomes(gt, dets, "voc07")
+    ours = metrics.voc07(gt, dets)
+    identity = ev.evaluate(np.ones((1, len(records))), ev.names(ours))
+    assert {k: float(v[0]) for k, v in identity.items()} == pytest.approx(ours, abs=1e-9)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -82,6 +83,12 @@ def test_fpn_faster_rcnn_on_voc_layout(r18_weights, tmp_path):
     saved = outcomes.load(tmp_path / "results.json", r)
     assert len(saved["ground_truth"]["images"]) == 4 and saved["detections"]
     assert metrics.score(saved["ground_truth"], saved["detections"], "voc07") == pytest.approx(r["metrics"])
+    # ... and `report`'s bootstrap, redrawing nothing, gives the same numbers (else it shows no interval)
+    from transfer.uncertainty_detection import DetectionOutcomes
+
+    ev = DetectionOutcomes(saved["ground_truth"], saved["detections"], "voc07")
+    identity = ev.evaluate(np.ones((1, 4)), ev.names(r["metrics"]))
+    assert {k: float(v[0]) for k, v in identity.items()} == pytest.approx(r["metrics"], abs=1e-9)
 
 
 def test_c4_extra_norm_mask_rcnn_on_coco_layout(r18_weights, tmp_path):
