@@ -2,7 +2,6 @@
 measured under (derived from the resolved run, never from the config's file name) and the
 per-image outcomes (transfer.outcomes) that `report` bootstraps. Shared by both engines."""
 import os
-from pathlib import Path
 
 from transfer.detect import metrics
 from transfer.detect.config import get
