@@ -157,3 +157,18 @@ def test_errors_name_the_fix(tmp_path):
     (tmp_path / f"fmnist-scenes_v{sc.VERSION}_c128_n1-1_s0").mkdir()
     with pytest.raises(UserError, match="incomplete.*delete it"):
         sc.ensure_demo_scenes(tmp_path, 1, 1)
+
+
+def test_scenes_with_fewer_larger_objects_on_a_flat_background(tmp_path):
+    paths = sc.ensure_demo_scenes(tmp_path, 4, 2, seed=0, objects=(1, 2), scale=(1.5, 2.5), background="flat")
+    assert paths["root"].name.endswith("_o1-2_x1.5-2.5_bgflat")
+    scenes = sc.compose_scenes(6, seed=0, objects=(1, 2), scale=(1.5, 2.5), background="flat")
+    default = sc.compose_scenes(6, seed=0)
+    for s in scenes:
+        assert 1 <= len(s.labels) <= 2
+        background = s.image[~s.masks.any(0)].astype(float)
+        assert background.std(0).max() < 8  # one grey plus mild noise: no gradient
+    assert np.mean([(b[2] - b[0]) for s in scenes for b in s.boxes]) > \
+        np.mean([(b[2] - b[0]) for s in default for b in s.boxes])
+    with pytest.raises(UserError, match="background 'stripes' is not one of gradient, flat"):
+        sc.compose_scenes(1, background="stripes")
