@@ -21,20 +21,17 @@ from pathlib import Path
 
 import yaml
 
-from mocobench.config import load_config
+from mocobench.config import configs_dir, load_config
 from mocobench.errors import UserError, cli
 from mocobench.fileio import atomic_json
 from pretrain.config import PretrainConfig, check
 
-KNN_CONFIG = "configs/linear/fashion_mnist_demo.yaml"  # relative to the configs' root
+KNN_CONFIG = "linear/fashion_mnist_demo.yaml"  # in the suite's configs (installed or checkout)
 POINT = "sweep_point.json"
 
 
 def default_knn_config() -> Path:
-    """The demo kNN config, the one place that knows where shipped configs live: today the
-    checkout this module runs from (mocobench.configs_dir() will replace it once configs
-    ship as package data)."""
-    return Path(__file__).resolve().parents[1] / KNN_CONFIG
+    return configs_dir() / KNN_CONFIG
 
 
 def _device_type() -> str:
@@ -225,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="key=v1,v2,...",
                    help="a config key and its values; several --grid make a cartesian product")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun); default 1")
-    p.add_argument("--knn-config", default=None, help=f"transfer knn config (default: the shipped {KNN_CONFIG})")
+    p.add_argument("--knn-config", default=None, help=f"transfer knn config (default: the shipped configs/{KNN_CONFIG})")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides shared by every run")
     return p
 
