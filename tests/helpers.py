@@ -1,6 +1,7 @@
 """What several test modules share: running a tiny real pretraining (plain, under torchrun, or
 with a fault injected), two-process gloo groups, one-line error checks, and a really full
 small file system. Imported as `helpers` (pyproject's pytest `pythonpath` puts tests/ first)."""
+import importlib.util
 import os
 import socket
 import subprocess
@@ -9,6 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# Detectron2 is built from its git repository, not installed from PyPI: CI has none.
+NEEDS_DETECTRON2 = pytest.mark.skipif(importlib.util.find_spec("detectron2") is None,
+                                      reason="detectron2 is not installed (built from its repository; see README)")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs/pretrain/moco_v2_fmnist_demo.yaml")
