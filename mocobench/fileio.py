@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,14 @@ from mocobench.errors import UserError
 # The format tag of `python -m pretrain` checkpoints: pretrain writes it, converters read it.
 PRETRAIN_CHECKPOINT_FORMAT = "moco-bench.pretrain/1"
 LOCK_NAME = ".moco-bench.lock"
+
+
+def slug(text: str, keep: str = "") -> str:
+    """THE file/folder name made from a label: lower case; each run of characters other than
+    a-z, 0-9 and those in `keep` becomes one "-"; none at either end ("MoCo v2 (demo)" ->
+    "moco-v2-demo"). Used for the bench's row folders, report's chart files and sweep points."""
+    name = re.sub(f"[^a-z0-9{re.escape(keep)}]+", "-", str(text).lower()).strip("-")
+    return name or "unnamed"
 
 
 def atomic_write(path, write_fn) -> None:

@@ -14,7 +14,6 @@ import argparse
 import itertools
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import yaml
 
 from mocobench.config import configs_dir, load_config
 from mocobench.errors import UserError, cli
-from mocobench.fileio import atomic_json
+from mocobench.fileio import atomic_json, slug
 from pretrain.config import PretrainConfig, check
 
 KNN_CONFIG = "linear/fashion_mnist_demo.yaml"  # in the suite's configs (installed or checkout)
@@ -58,12 +57,12 @@ def points(grid) -> list[dict[str, str]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*[v for _, v in grid])]
 
 
-def slug(point: dict[str, str]) -> str:
+def point_name(point: dict[str, str]) -> str:
     """A folder name for a point: last key part and value, e.g. dictionary-queue_queue_size-256."""
     short = [k.rsplit(".", 1)[-1] for k in point]
     names = short if len(set(short)) == len(short) else list(point)
     text = "_".join(f"{n}-{v}" for n, v in zip(names, point.values())) or "base"
-    return re.sub(r"[^A-Za-z0-9.=_-]+", "-", text)
+    return slug(text, keep="._=-")
 
 
 def _run(cmd: list[str], log_path: Path) -> int:
@@ -242,7 +241,7 @@ def main(argv=None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     statuses = {}
     for i, point in enumerate(todo, 1):
-        name = slug(point)
+        name = point_name(point)
         print(f"[{i}/{len(todo)}] {name} ...", flush=True)
         statuses[name] = run_point(args.config, args.overrides, point, out / name, args.nproc,
                                    knn_config)

@@ -119,3 +119,13 @@ def test_json_is_strict(tmp_path):
     text = (tmp_path / "r.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"AP": None, "x": [None, 1.0]}
+
+
+def test_slug_is_one_name_rule_for_rows_charts_and_sweep_points():
+    from mocobench.fileio import slug
+
+    assert slug("MoCo v2 (demo)") == "moco-v2-demo"
+    assert slug("supervised IN-1k (torchvision)") == "supervised-in-1k-torchvision"
+    assert slug("a;b'c d") == "a-b-c-d"                 # quotes and `;` never reach a path
+    assert slug("!!!") == "unnamed"                     # never the empty name (= the parent folder)
+    assert slug("queue_size--1_lr-0.03", keep="._=-") == "queue_size--1_lr-0.03"

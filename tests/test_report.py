@@ -504,7 +504,7 @@ def test_cli_writes_report_md_and_charts(tmp_path, capsys):
         assert f"### {t['title']}" in text
         if t["kind"] == "summary":
             continue
-        png = work / f"{rp.slug(t)}.png"
+        png = work / f"{rp.chart_name(t)}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         assert f"### {t['title']}" in text and f"]({png.name})" in text
     assert "suite · many-shot" in text and "missing" in text

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mocobench.errors import UserError
-from pretrain.sweep import parse_grid, points, slug
+from pretrain.sweep import parse_grid, point_name, points
 
 from helpers import DEMO, ROOT, TINY
 
@@ -23,8 +23,8 @@ def test_grid_points_and_slugs():
     grid = parse_grid(["moco.dictionary=queue,memory_bank", "moco.queue_size=32,64"])
     pts = points(grid)
     assert len(pts) == 4 and pts[1] == {"moco.dictionary": "queue", "moco.queue_size": "64"}
-    assert slug(pts[1]) == "dictionary-queue_queue_size-64"
-    assert slug({"a.x": "1", "b.x": "2"}) == "a.x-1_b.x-2"  # ambiguous short names stay dotted
+    assert point_name(pts[1]) == "dictionary-queue_queue_size-64"
+    assert point_name({"a.x": "1", "b.x": "2"}) == "a.x-1_b.x-2"  # ambiguous short names stay dotted
     with pytest.raises(UserError, match="is not key=v1,v2"):
         parse_grid(["moco.momentum"])
     with pytest.raises(UserError, match="given twice"):

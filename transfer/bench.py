@@ -37,6 +37,7 @@ from pathlib import Path
 
 from mocobench.config import check_rules, from_dict, load_config, setting
 from mocobench.errors import UserError, cli
+from mocobench.fileio import slug
 
 FORMATS = ("torchvision", "detectron2", "mmseg")
 KINDS = ("pretrain", "checkpoint", "imagenet_supervised", "random")
@@ -118,10 +119,6 @@ class BenchConfig:
     jobs: int = setting(1, ge=1)
     executor: str = setting("local", choices=("local", "slurm"))
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
-
-
-def slug(label: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "row"
 
 
 # ----------------------------------------------------------------------------- validation

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mocobench.config import read_yaml
-from mocobench.fileio import sha256_file
+from mocobench.fileio import sha256_file, slug
 from transfer import bench_sources
 from transfer.stage import digest
-from transfer.bench import BenchConfig, Pretraining, Resources, Task, resources_for, slug
+from transfer.bench import BenchConfig, Pretraining, Resources, Task, resources_for
 
 # Free space a stage needs at least (logs, results, a feature cache of the demo's size).
 STAGE_MIN_FREE = 256 * 2**20

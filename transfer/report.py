@@ -18,12 +18,12 @@ from pathlib import Path
 
 from mocobench.errors import UserError, cli
 from mocobench.fileio import prepare_output
-from transfer.report_render import FORMATS, render, slug, write_report
+from transfer.report_render import FORMATS, chart_name, render, write_report
 from transfer.report_summary import suite_summaries
 from transfer.report_tables import result_tables
 from transfer.results import read_results
 
-__all__ = ["find_results", "load_results", "build_tables", "render", "slug", "report", "main"]
+__all__ = ["find_results", "load_results", "build_tables", "render", "chart_name", "report", "main"]
 
 
 def find_results(dirs) -> list[Path]:

@@ -4,13 +4,12 @@ import datetime
 import io
 import json
 import math
-import re
 from pathlib import Path
 
 from tabulate import tabulate
 
 from mocobench.errors import UserError
-from mocobench.fileio import atomic_write
+from mocobench.fileio import atomic_write, slug
 
 FORMATS = ("grid", "github", "latex", "csv", "json")
 
@@ -82,10 +81,10 @@ def _json_safe(tables):
     return fix(tables)
 
 
-def slug(table) -> str:
-    parts = (table["task"], table["dataset"], table["protocol"].get("name", ""), table["protocol_id"][:8])
-    name = "-".join(parts)
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+def chart_name(table) -> str:
+    """The chart's file name (without .png): task, dataset, protocol name and id."""
+    return slug("-".join((table["task"], table["dataset"], table["protocol"].get("name", ""),
+                          table["protocol_id"][:8])))
 
 
 # ----------------------------------------------------------------------------- charts
@@ -173,7 +172,7 @@ def write_report(tables, output, sources, n_files: int) -> list[Path]:
     for t in tables:
         section = render([t], "github")
         if t["kind"] == "results":
-            png = plot_table(t, output / f"{slug(t)}.png")
+            png = plot_table(t, output / f"{chart_name(t)}.png")
             written.append(png)
             section += f"\n\n![{t['title']}]({png.name})"
         sections.append(section)
