@@ -291,6 +291,9 @@ def test_failures_are_rows_a_failed_rerun_replaces_old_numbers_and_no_result_exi
     assert status["knn/random-init"] == "done" and "bench: 1 stage(s) failed: convert/broken" in text
     row = read_results(out / "knn/broken/results.json")
     assert row["status"] == "failed" and row["reason"].startswith("conversion failed: ")
+    assert isinstance(row["protocol"], dict)  # a record, never the string results' shim took
+    report = (out / "report/report.md").read_text()  # the failed row sits in its task's table
+    assert re.search(r"^\|\s*broken\s*\|.*failed", report, re.M), report
 
     config["tasks"][0]["args"] = [*knn, "data.max_train_images=many"]  # the task itself now fails
     bench.write_text(yaml.safe_dump(config))
