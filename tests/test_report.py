@@ -121,10 +121,11 @@ def test_delta_whose_interval_contains_zero_is_marked_not_significant(tables):
 
 def test_delta_interval_is_paired_on_the_same_redraws():
     """The table's delta interval is that of (row - baseline) on the SAME redraws of the test
-    images, recomputed here from the outcome files; it is far narrower than pairing each row
-    with independent redraws would give (the rows share which images are hard)."""
+    images (and the same jackknife replicates: BCa), recomputed here from the outcome files; it
+    is far narrower than pairing each row with independent redraws would give (the rows share
+    which images are hard)."""
     from transfer import outcomes
-    from transfer.uncertainty import percentile_ci, resamples
+    from transfer.uncertainty import bca_ci, jackknife, percentile_ci, resamples
 
     (t,) = rp.build_tables(rp.load_results([GOOD / "segment_demo"]), bootstrap=400, seed=7)
     ev = {}
@@ -133,11 +134,15 @@ def test_delta_interval_is_paired_on_the_same_redraws():
         ev[name] = outcomes.read(path, json.loads(path.read_text()))
     n = len(ev["moco_v2"].keys)
 
-    def draws(e, seed):
-        return np.concatenate([e.evaluate(w, {"mIoU": "mIoU"})["mIoU"] for w in resamples(n, 400, seed)])
+    def values(e, weights):
+        return np.concatenate([e.evaluate(w, {"mIoU": "mIoU"})["mIoU"] for w in weights])
 
-    paired = percentile_ci(draws(ev["moco_v2"], 7) - draws(ev["supervised"], 7))
-    unpaired = percentile_ci(draws(ev["moco_v2"], 7) - draws(ev["supervised"], 8))
+    def delta(weights):
+        return values(ev["moco_v2"], weights) - values(ev["supervised"], weights)
+
+    redraws = list(resamples(n, 400, 7))
+    paired = bca_ci(delta(redraws), delta([np.ones((1, n))])[0], delta(list(jackknife(n, 7))))
+    unpaired = percentile_ci(values(ev["moco_v2"], redraws) - values(ev["supervised"], resamples(n, 400, 8)))
     cell = row(t, "MoCo v2 demo")["cells"]["mIoU"]
     assert cell["delta_ci"] == pytest.approx(paired)
     assert paired[1] - paired[0] < 0.5 * (unpaired[1] - unpaired[0])
