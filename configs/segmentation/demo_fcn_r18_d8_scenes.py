@@ -13,14 +13,17 @@
 # Run:  python -m transfer segment --config configs/segmentation/demo_fcn_r18_d8_scenes.py \
 #           --weights CKPT --output DIR
 
-benchmark = dict(dataset='fmnist-scenes', protocol='demo_fcn_r18_d8_64x64_300it')
+# The data's name in results.json comes from what is read (here the embedded scenes: fmnist-scenes).
+benchmark = dict(protocol='demo_fcn_r18_d8_64x64_300it')
 
 # The scenes (transfer.scenes.ensure_demo_scenes arguments); root=None caches them under
 # $MOCO_BENCH_CACHE/scenes or ~/.cache/moco-bench/scenes. transfer segment points data_root there.
 embedded_data = dict(root=None, n_train=256, n_val=64, seed=0, canvas=128)
 
 crop_size = (64, 64)
-num_classes = 11
+# None: the heads predict the classes of the data's classes.txt (the scenes write 'background' and
+# the 10 Fashion-MNIST classes; a user's own data folder brings its own list, docs/segmentation.md).
+num_classes = None
 max_iters = 300
 norm_cfg = dict(type='SyncBN', requires_grad=True)  # BN when run as one process (transfer segment)
 data_preprocessor = dict(
@@ -77,11 +80,6 @@ model = dict(
 # ---- data: mmseg's own BaseSegDataset reads the img_dir/ + ann_dir/ layout unchanged
 dataset_type = 'BaseSegDataset'
 data_root = None  # filled by transfer segment from embedded_data
-metainfo = dict(
-    classes=('background', 'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
-             'Sneaker', 'Bag', 'Ankle boot'),
-    palette=[[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128],
-             [0, 128, 128], [128, 128, 128], [64, 0, 0], [192, 0, 0], [64, 128, 0]])
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations'),
@@ -103,7 +101,6 @@ train_dataloader = dict(
     sampler=dict(type='InfiniteSampler', shuffle=True),
     dataset=dict(
         type=dataset_type,
-        metainfo=metainfo,
         data_root=data_root,
         img_suffix='.png',
         seg_map_suffix='.png',
@@ -117,7 +114,6 @@ test_dataloader = dict(
     sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(
         type=dataset_type,
-        metainfo=metainfo,
         data_root=data_root,
         img_suffix='.png',
         seg_map_suffix='.png',
