@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "segmentation" / "demo_fcn_r18_d8_scenes.py"
+DEMO = ROOT / "configs" / "segmentation" / "demo_fcn_r18_d16_scenes.py"
 CLASSES = ("background", "square", "disc")
 
 
@@ -44,9 +44,11 @@ def write_dataset(root, n_train=4, n_test=2, size=(40, 48), classes=CLASSES, see
 
 
 def child_config(path, *lines) -> Path:
-    """A config built on the demo config, as a user would write one: `_base_` plus `lines`."""
+    """A config built on the demo config, as a user would write one: `_base_` plus `lines`. The
+    demo's class weights are one per scene class; a data set with other classes sets its own."""
     path = Path(path)
-    path.write_text("\n".join([f"_base_ = [{str(DEMO)!r}]", *lines]) + "\n")
+    unweighted = "model = dict(decode_head=dict(loss_decode=dict(class_weight=None)))"
+    path.write_text("\n".join([f"_base_ = [{str(DEMO)!r}]", unweighted, *lines]) + "\n")
     return path
 
 

@@ -23,6 +23,7 @@ from transfer.segment_config import check_plain_resnet
 
 VOC = ROOT / "configs" / "segmentation" / "fcn_r50_d8_voc12aug_512x512_20k.py"
 CITYSCAPES = ROOT / "configs" / "segmentation" / "fcn_r50_d8_cityscapes_769x769_40k.py"
+OWN = ROOT / "configs" / "segmentation" / "fcn_r50_d8_own_data_512x512_20k.py"
 
 needs_mmseg = pytest.mark.skipif(
     importlib.util.find_spec("mmseg") is None or importlib.util.find_spec("mmengine") is None,
@@ -259,7 +260,7 @@ def test_depth_mismatch_names_the_overrides():
 
 
 @needs_mmseg
-@pytest.mark.parametrize("config", [VOC, CITYSCAPES])
+@pytest.mark.parametrize("config", [VOC, CITYSCAPES, OWN])
 def test_published_configs_pass_the_checks_and_name_missing_data(config, moco, tmp_path):
     from mmengine.config import Config
 
@@ -278,6 +279,23 @@ def test_published_configs_pass_the_checks_and_name_missing_data(config, moco, t
                                         r"images there .*; pass --data-root"):
         run(config, moco[0], tmp_path / "out", data_root=str(tmp_path / "nowhere"))
     assert not (tmp_path / "out" / "weights").exists()  # refused before any conversion
+
+
+@needs_mmseg
+def test_own_data_config_reads_the_documented_layout(tmp_path):
+    """configs/segmentation/fcn_r50_d8_own_data_512x512_20k.py on a folder laid out as
+    docs/segmentation.md says: classes and num_classes from classes.txt, every pair checked."""
+    from transfer.segment import prepare_data
+    from transfer.segment_config import load_config
+
+    data = write_dataset(tmp_path / "data")
+    cfg = load_config(OWN, [f"{loader}.dataset.img_suffix=.png"
+                            for loader in ("train_dataloader", "val_dataloader", "test_dataloader")])
+    d = prepare_data(cfg, str(data))
+    assert (d.source["from"], d.identity["name"]) == ("--data-root", "data")
+    assert d.identity["splits"] == {"train": 4, "val": 2, "test": 2}  # VOC-style: val is the scored split
+    assert d.identity["class_names"] == list(CLASSES)
+    assert cfg.model.decode_head.num_classes == cfg.model.auxiliary_head.num_classes == 3
 
 
 @needs_mmseg
@@ -350,11 +368,11 @@ def test_demo_trains_and_evaluates_with_moco_weights_in_every_backbone_tensor(mo
 
     # The protocol is the resolved run: a shortened run says so, and the defining values are there.
     p = r["protocol"]
-    assert p["name"].startswith("demo_fcn_r18_d8") and "train_cfg.max_iters=4" in p["name"]
+    assert p["name"].startswith("demo_fcn_r18_d16") and "train_cfg.max_iters=4" in p["name"]
     assert "embedded_data.root" not in p["name"]  # where the files are changes no number
     assert (p["schedule"]["max_iters"], p["schedule"]["effective_batch"]) == (4, 4)
     assert p["schedule"]["optimizer"]["lr"] == r["config"]["optim_wrapper"]["optimizer"]["lr"]
-    assert p["input"]["crop_size"] == [64, 64] and p["dataset"]["splits"] == {"train": 16, "test": 6}
+    assert p["input"]["crop_size"] == [96, 96] and p["dataset"]["splits"] == {"train": 16, "test": 6}
     assert p["dataset"]["class_names"][0] == "background" and p["dataset"]["classes"] == 11
     assert set(p["metric"]) == {"mIoU", "mAcc", "aAcc"} and "IoUMetric" in p["metric"]["mIoU"]
 
@@ -372,7 +390,7 @@ def test_demo_trains_and_evaluates_with_moco_weights_in_every_backbone_tensor(mo
     with pytest.raises(SystemExit):
         segment.main(["--config", str(DEMO), "--weights", str(path), "--output", str(out),
                       "--cfg-options", *_tiny(scenes_root), "model.decode_head.num_classes=5"])
-    assert not (out / "results.json").exists() and not (out / "outcomes.npz").exists()
+    assert not (out / "results.json").exists() and (out / "results.previous.json").exists()
 
 
 @needs_mmseg
@@ -534,8 +552,9 @@ def test_a_second_run_into_a_locked_folder_is_refused(tmp_path, capsys):
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(SystemExit) as e:
-            main(["--config", str(DEMO), "--weights", "random", "--arch", "resnet18", "--output", str(out)])
+        with pytest.raises(SystemExit) as e:  # (refused before the data; nothing would be there to read)
+            main(["--config", str(DEMO), "--weights", "random", "--arch", "resnet18", "--output", str(out),
+                  "--data-root", str(tmp_path / "no data")])
         assert e.value.code == 2
         assert re.search(rf"is in use by pid {holder.pid} .*choose another output folder",
                          capsys.readouterr().err)

@@ -45,7 +45,6 @@ from transfer import segment_data as sd
 
 PREFIX = "backbone."
 CONVERTED = "weights/backbone_mmseg.pth"
-OWN_FILES = ("results.json", "outcomes.npz")  # what a previous run into the folder left for report
 
 
 def parse_args(argv):
@@ -152,6 +151,7 @@ class Data:
     splits: list  # [segment_data.Split]
     identity: dict  # segment_data.dataset_identity
     ignore_index: int
+    pairs_checked: int  # distinct (image, label map) pairs checked before training
 
 
 def prepare_data(cfg, data_root: str | None) -> Data:
@@ -163,8 +163,8 @@ def prepare_data(cfg, data_root: str | None) -> Data:
     splits = sd.read_splits(cfg)
     ignore_index = use_per_image_metric(cfg)
     sc.fit_heads(cfg, splits[0].classes, ignore_index)
-    sd.check_files(splits, ignore_index)
-    return Data(source, splits, sd.dataset_identity(sd.dataset_name(cfg, source), splits), ignore_index)
+    checked = sd.check_files(splits, ignore_index)
+    return Data(source, splits, sd.dataset_identity(sd.dataset_name(cfg, source), splits), ignore_index, checked)
 
 
 def _rank_from_env() -> int:
@@ -172,15 +172,16 @@ def _rank_from_env() -> int:
 
 
 def prepare_output(output: Path):
-    """Rank 0 prepares and locks the folder (mocobench.fileio) and removes the previous run's
-    results, so a failed re-run never leaves them for `report`; other ranks return None."""
+    """Rank 0 prepares and locks the folder (mocobench.fileio) and moves an earlier run's
+    results.json aside (transfer.results.start_run), so a failed re-run leaves nothing for
+    `report`; other ranks return None."""
     from mocobench.fileio import prepare_output as prepare
+    from transfer.results import start_run
 
     if _rank_from_env() != 0:
         return None
     lock = prepare(output, "segmentation fine-tuning", need_bytes=200 * 2**20)
-    for name in OWN_FILES:
-        (output / name).unlink(missing_ok=True)
+    start_run(output)
     return lock
 
 
@@ -280,7 +281,7 @@ def run(config, weights, output, *, launcher: str = "none", data_root: str | Non
             "weights_layout": bb.layout, "converted": str(converted), "norm": norm,
             "normalization": normalization, "world_size": world_size, "batch_per_process": per_process,
             "effective_batch": per_process * world_size, "backbone_tensors_checked": check.report.checked,
-            "data": data.source, "pairs_checked": sum(len(s.images) for s in data.splits)}
+            "data": data.source, "pairs_checked": data.pairs_checked}
         return write(output, cfg, config, runner, data, record["metrics"], weights=weights_rec,
                      resolved=resolved, seed=seed, norm=norm, world_size=world_size,
                      cfg_options=cfg_options, wall_time_s=time.time() - start)

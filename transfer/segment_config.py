@@ -53,7 +53,9 @@ def load_config(path, cfg_options=()):
     """The mmengine Config of `path` with `cfg_options` merged; one line when it cannot be read."""
     from mmengine.config import Config
 
-    path = Path(path)
+    from mocobench.config import find_config
+
+    path = find_config(path)  # configs/segmentation/... also resolves in an installed copy
     if not path.is_file():
         raise UserError(f"config {path} does not exist; see configs/segmentation/")
     try:
@@ -151,6 +153,12 @@ def fit_heads(cfg, classes, ignore_index: int = 255) -> None:
             raise UserError(f"{where}.num_classes={head['num_classes']} but the dataset has {n} classes "
                             f"({', '.join(map(str, classes[:4]))}{', ...' if n > 4 else ''}); "
                             f"set num_classes={n} in every head, or None to follow the class list")
+        losses = head.get("loss_decode") or []
+        for loss in losses if isinstance(losses, (list, tuple)) else [losses]:
+            weights = loss.get("class_weight") if isinstance(loss, dict) else None
+            if isinstance(weights, (list, tuple)) and len(weights) != n:
+                raise UserError(f"{where}.loss_decode.class_weight has {len(weights)} weights but the dataset has "
+                                f"{n} classes; give one weight per class, or class_weight=None")
         if head.get("ignore_index", 255) != ignore_index:
             raise UserError(f"{where}.ignore_index={head['ignore_index']} but the test metric ignores label "
                             f"{ignore_index}; use one ignore label for training and scoring")
