@@ -53,6 +53,7 @@ def non_background(outcomes: Path) -> float:
 
 def run_one(name, label, weights, options, out: Path) -> dict:
     w = ["--weights", "random", "--arch", "resnet18"] if weights == "random" else ["--weights", weights]
+    w += ["--label", label]  # the row's name in `transfer report` (else the file's stem: checkpoint_last)
     cmd = [sys.executable, "-m", "transfer", "segment", "--config", DEMO, *w, "--output", str(out),
            *(["--cfg-options", *options] if options else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

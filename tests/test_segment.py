@@ -375,6 +375,8 @@ def test_demo_trains_and_evaluates_with_moco_weights_in_every_backbone_tensor(mo
     assert p["input"]["crop_size"] == [96, 96] and p["dataset"]["splits"] == {"train": 16, "test": 6}
     assert p["dataset"]["class_names"][0] == "background" and p["dataset"]["classes"] == 11
     assert set(p["metric"]) == {"mIoU", "mAcc", "aAcc"} and "IoUMetric" in p["metric"]["mIoU"]
+    assert (p["model"]["decode_head"]["type"], p["model"]["norm"]) == ("FCNHead", "BN")
+    assert "in_channels" not in p["model"]["decode_head"]  # follows the weights' depth, not the protocol
 
     # One confusion matrix per test image; summed, they give mmseg IoUMetric's numbers.
     o = _read_outcomes(out)

@@ -150,8 +150,8 @@ def protocol(cfg, *, name: str, dataset: dict, ignore_index: int, norm: str, wor
     schedule = {"max_iters": cfg.train_cfg.get("max_iters"), "optimizer": optim.pop("optimizer", None),
                 "optim_wrapper": optim, "param_scheduler": _plain(cfg.get("param_scheduler")),
                 "batch_per_process": per_process, "world_size": world_size,
-                "effective_batch": per_process * world_size, "norm": norm, "model": model,
-                "cfg_options": overrides}
+                "effective_batch": per_process * world_size, "cfg_options": overrides}
+    model["norm"] = norm  # what ran: SyncBN only when distributed on GPUs
     pre = _plain(cfg.model.data_preprocessor)
     inputs = {"crop_size": _plain(cfg.get("crop_size")),
               "train_pipeline": _plain(_first_leaf(train.dataset).get("pipeline")),
@@ -162,7 +162,7 @@ def protocol(cfg, *, name: str, dataset: dict, ignore_index: int, norm: str, wor
     full_name = name + (f" + {' '.join(overrides)}" if overrides else "")
     return protocol_record(name=full_name, task="segment", engine="mmseg",
                            metric=_metric_definitions(dataset["classes"], ignore_index),
-                           schedule=schedule, input=inputs, dataset=data)
+                           schedule=schedule, input=inputs, dataset=data, model=model)
 
 
 def _first_leaf(d: dict) -> dict:
