@@ -3,16 +3,14 @@
 The expected values are the spec (MoCo paper Sec. 4.2 and facebookresearch/moco@7397dfe
 detection/configs; Detectron2's 1x/2x schedules; mmselfsup's FPN benchmark configs), not results.
 """
-import importlib.util
 from pathlib import Path
 
 import pytest
+from helpers import NEEDS_DETECTRON2
 
 from mocobench.errors import UserError
 from transfer.detect import config as dcfg
 
-HAS_D2 = importlib.util.find_spec("detectron2") is not None
-NEEDS_D2 = pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed (built from source, optional)")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
 
 RGB = {  # moco detection/configs/*_moco.yaml: torchvision weights, RGB input
@@ -94,7 +92,7 @@ def test_paper_configs_hold_the_protocol(name):
     _check(dcfg.load(CONFIGS / f"{name}.yaml"), PROTOCOL[name], name)
 
 
-@NEEDS_D2
+@NEEDS_DETECTRON2
 @pytest.mark.parametrize("name", sorted(PROTOCOL))
 def test_detectron2_reads_the_same_values(name):
     from transfer.detect.d2_engine import build_cfg, plain
@@ -114,7 +112,7 @@ def test_detectron2_reads_the_same_values(name):
         assert dcfg.get(d2, key) == value, f"{name}: {key} differs between the engines' readers"
 
 
-@NEEDS_D2
+@NEEDS_DETECTRON2
 def test_torchvision_defaults_are_detectron2_defaults():
     import yaml
     from detectron2.config import get_cfg
@@ -177,7 +175,7 @@ def test_overrides_and_errors(tmp_path):
         dcfg.load(bad)
 
 
-@NEEDS_D2
+@NEEDS_DETECTRON2
 def test_both_readers_refuse_an_int_for_a_float():
     from transfer.detect.d2_engine import build_cfg
 

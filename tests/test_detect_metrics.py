@@ -2,7 +2,6 @@
 PascalVOCDetectionEvaluator to the last bit, and both metrics give 100 for the ground truth
 fed back as predictions, whatever ids the data came with."""
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -10,12 +9,11 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+from helpers import NEEDS_DETECTRON2
 
 from transfer import scenes as sc
 from transfer.detect import datasets as ds
 from transfer.detect import metrics
-
-HAS_D2 = importlib.util.find_spec("detectron2") is not None
 
 
 def _voc(tmp_path_factory, seed):
@@ -98,7 +96,7 @@ def test_a_class_without_test_objects_counts_0_as_in_detectron2(voc_gaps):
     assert metrics.voc07(gt, _as_predictions(gt))["AP50"] == pytest.approx(80.0)  # 2 of 10 classes
 
 
-@pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed (built from source, optional)")
+@NEEDS_DETECTRON2
 @pytest.mark.parametrize("data, seed", [("voc", 0), ("voc", 1), ("voc_gaps", 2)])
 def test_voc07_is_detectron2s_pascal_voc_evaluator(data, seed, request):
     import torch

@@ -2,7 +2,6 @@
 both layouts and both heads; the evaluation sharded over two gloo ranks equals one process's;
 a trained model beats the same model untrained; untrusted weights never run code unasked
 (both engines); the output folder is prepared, locked and never left with stale results."""
-import importlib.util
 import json
 import math
 import os
@@ -16,14 +15,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import NEEDS_DETECTRON2
 
 from mocobench.errors import UserError
 from transfer.results import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "detection"
-HAS_D2 = importlib.util.find_spec("detectron2") is not None
-NEEDS_D2 = pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed (built from source, optional)")
 # Tiny: 8 train / 4 val scenes at 64 px, 2 images per batch, 2 iterations.
 TINY = ["SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
         "TEST.PRECISE_BN.NUM_ITER", "1", "DATASETS.SCENES.N_TRAIN", "8", "DATASETS.SCENES.N_VAL", "4",
@@ -142,7 +140,7 @@ def test_frozen_stages_follow_freeze_at(r18_weights):
     assert all(p.requires_grad for p in body.layer2.parameters())
 
 
-@NEEDS_D2
+@NEEDS_DETECTRON2
 def test_lr_schedule_matches_detectron2():
     from detectron2.config import get_cfg
     from detectron2.solver import build_lr_scheduler
@@ -247,7 +245,7 @@ def _code_running_pkl(path, marker):
     return path
 
 
-@pytest.mark.parametrize("engine", ["torchvision", pytest.param("detectron2", marks=NEEDS_D2)])
+@pytest.mark.parametrize("engine", ["torchvision", pytest.param("detectron2", marks=NEEDS_DETECTRON2)])
 def test_a_code_running_pkl_runs_nothing_without_allow_pickle(engine, tmp_path, capsys):
     from transfer.detect import main
 
@@ -266,7 +264,7 @@ def test_a_code_running_pkl_runs_nothing_without_allow_pickle(engine, tmp_path, 
     assert r["weights"]["layout"] == "detectron2" and r["config"]["RUN"]["arch"] == "resnet18"
 
 
-@pytest.mark.parametrize("engine", ["torchvision", pytest.param("detectron2", marks=NEEDS_D2)])
+@pytest.mark.parametrize("engine", ["torchvision", pytest.param("detectron2", marks=NEEDS_DETECTRON2)])
 def test_a_resnet34_pkl_is_refused_under_a_depth_18_config(engine, tmp_path, capsys):
     from converters import load_backbone, to_detectron2
     from transfer.detect import main

@@ -1,17 +1,16 @@
 """Fashion-MNIST scenes: composition rules, and every layout read back by the real readers."""
-import importlib.util
 import os
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+from helpers import NEEDS_DETECTRON2
 from PIL import Image
 
 from mocobench.data import fashion_mnist
 from mocobench.errors import UserError
 from transfer import scenes as sc
 
-HAS_D2 = importlib.util.find_spec("detectron2") is not None
 N_TRAIN, N_VAL = 6, 3
 
 
@@ -81,7 +80,7 @@ def test_voc_layout_parses_as_xml(demo):
             assert np.abs(np.asarray(im, np.int16) - s.image).mean() < 5  # JPEG quality 95, 4:4:4
 
 
-@pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed (built from source, optional)")
+@NEEDS_DETECTRON2
 def test_voc_layout_parses_with_detectron2(demo):
     from detectron2.data.datasets.pascal_voc import load_voc_instances
 
@@ -115,7 +114,7 @@ def test_coco_layout_parses_with_pycocotools(demo):
             assert np.array_equal(coco.annToMask(a).astype(bool), mask) and a["area"] == mask.sum()
 
 
-@pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed (built from source, optional)")
+@NEEDS_DETECTRON2
 def test_coco_layout_parses_with_detectron2(demo):
     from detectron2.data.datasets.coco import load_coco_json
     from detectron2.structures import polygons_to_bitmask

@@ -14,10 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import NEEDS_DETECTRON2
 
 from transfer import outcomes
-from transfer.uncertainty import (ClassificationOutcomes, SegmentationOutcomes, align, percentile_ci,
-                                  resamples, welch_p)
+from transfer.uncertainty import (
+    ClassificationOutcomes,
+    SegmentationOutcomes,
+    align,
+    percentile_ci,
+    resamples,
+    welch_p,
+)
 from transfer.uncertainty_detection import DetectionOutcomes
 
 GOOD = Path(__file__).parent / "fixtures" / "results" / "good"
@@ -103,7 +110,11 @@ def test_first_recall_point_reached_is_exactly_searchsorted_on_the_ratio():
 # ----------------------------------------------------------------------------- classification
 
 def test_classification_identity_and_a_redraw_match_scikit_learn():
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, top_k_accuracy_score
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        top_k_accuracy_score,
+    )
 
     rng = np.random.default_rng(2)
     n, c = 600, 7
@@ -124,6 +135,7 @@ def test_classification_identity_and_a_redraw_match_scikit_learn():
         assert got["mean_per_class_accuracy"][0] == pytest.approx(want)
 
 
+@NEEDS_DETECTRON2
 def test_multilabel_11_point_map_matches_the_voc_devkit_rule():
     from detectron2.evaluation.pascal_voc_evaluation import voc_ap
 
@@ -285,6 +297,7 @@ def _voc_eval(tmp_path, gt, dets, decimals=3):
     return {"AP": np.mean(list(means.values())), "AP50": means[50], "AP75": means[75]}
 
 
+@NEEDS_DETECTRON2
 def test_voc07_identity_equals_detectron2_voc_eval(tmp_path):
     z = outcomes.load(GOOD / "detect_voc/supervised/results.json",
                       json.loads((GOOD / "detect_voc/supervised/results.json").read_text()))
@@ -297,6 +310,7 @@ def test_voc07_identity_equals_detectron2_voc_eval(tmp_path):
         assert got[m][0] == pytest.approx(want[m], abs=1e-6), m
 
 
+@NEEDS_DETECTRON2
 def test_voc07_redraw_equals_voc_eval_on_the_redrawn_set(tmp_path):
     z = outcomes.load(GOOD / "detect_voc/moco_v1_s0/results.json",
                       json.loads((GOOD / "detect_voc/moco_v1_s0/results.json").read_text()))
