@@ -282,6 +282,30 @@ def test_published_configs_pass_the_checks_and_name_missing_data(config, moco, t
 
 
 @needs_mmseg
+def test_configs_resolve_in_an_installed_copy(tmp_path):
+    """After `pip install` there is no top-level configs/: the packages alone, laid out as the
+    wheel lays them out (configs inside mocobench/, pyproject's package-dir), run from another
+    folder, still load configs/segmentation/... (the README's and the bench configs' paths)."""
+    import shutil
+
+    site = tmp_path / "site"
+    for package in ("mocobench", "transfer", "converters"):
+        shutil.copytree(ROOT / package, site / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "configs", site / "mocobench" / "configs")
+    (tmp_path / "elsewhere").mkdir()
+    code = ("from transfer.segment_config import load_config\n"
+            "for name in ('demo_fcn_r18_d16_scenes', 'fcn_r50_d8_own_data_512x512_20k'):\n"
+            "    print(load_config(f'configs/segmentation/{name}.py').filename)\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "elsewhere", env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    found = out.stdout.split()
+    assert len(found) == 2 and all(f.startswith(str(site / "mocobench" / "configs" / "segmentation"))
+                                   for f in found), found
+
+
+@needs_mmseg
 def test_own_data_config_reads_the_documented_layout(tmp_path):
     """configs/segmentation/fcn_r50_d8_own_data_512x512_20k.py on a folder laid out as
     docs/segmentation.md says: classes and num_classes from classes.txt, every pair checked."""
