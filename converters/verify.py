@@ -109,18 +109,39 @@ def verify_detectron2(bb: Backbone, pkl_path) -> tuple[dict | None, str]:
 
 # ----------------------------------------------------------------------------- MMSegmentation
 
+def mmseg_resnet(depth: int, checkpoint: str, prefix: str = MMSEG_PREFIX):
+    """mmseg's plain ``ResNet`` (style pytorch: torchvision's tensor names), loaded from
+    `checkpoint` the way a segmentation run loads it: ``init_cfg`` Pretrained + `prefix`."""
+    from mocobench.mmseg_compat import import_mmseg
+
+    import_mmseg()
+    from mmengine.logging import MMLogger
+    from mmseg.registry import MODELS
+
+    model = MODELS.build(dict(type="ResNet", depth=depth, style="pytorch", pretrained=None,
+                              norm_cfg=dict(type="BN", requires_grad=True),
+                              init_cfg=dict(type="Pretrained", checkpoint=str(checkpoint), prefix=prefix)))
+    # Outside a Runner mmengine logs one INFO record per parameter; keep the warnings.
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel("WARNING")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            # mmengine prints "Loads checkpoint by local backend from path: <temporary name>";
+            # what loaded is checked by the caller, key by key.
+            model.init_weights()
+    finally:
+        logger.setLevel(level)
+    return model
+
+
 def verify_mmseg(bb: Backbone, pth_path) -> tuple[dict | None, str]:
     if importlib.util.find_spec("mmseg") is None:
         from mocobench.mmseg_compat import INSTALL
 
         return None, f"numeric check skipped: mmsegmentation is not installed ({INSTALL})"
-    from mocobench.mmseg_compat import build_resnet_backbone
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        # mmengine prints "Loads checkpoint by local backend from path: <temporary name>";
-        # what loaded is checked below, key by key.
-        model = build_resnet_backbone(archs.depth(bb.arch), checkpoint=str(pth_path), prefix=MMSEG_PREFIX)
-    model.eval()
+    model = mmseg_resnet(archs.depth(bb.arch), str(pth_path))
+    model.eval()  # mmseg's ResNet.train() returns None, so no chaining
     _refuse_unless_loaded("MMSegmentation", model.state_dict(), bb.state_dict)
     x = _input()
     ours = torchvision_stages(bb, x)

@@ -1,8 +1,10 @@
 """The one place that imports MMSegmentation (mmseg + mmengine + mmcv) safely.
 
-Everything else (``transfer.segment``, the converters' numeric check) calls
-``import_mmseg()`` lazily and never imports ``mmseg``/``mmcv`` itself, so the
-rest of the suite works without them.
+Everything else (``transfer.segment*``, the converters' numeric check) calls
+``import_mmseg()`` lazily and never imports ``mmseg``/``mmcv`` before it, so the
+rest of the suite works without them. This module is only that import shim; the
+models and checks that use mmseg live next to their users (``transfer/segment_*.py``,
+``converters/verify.py``).
 
 Which mmcv, and why (docs/dependencies.md gives both routes, as tried):
 
@@ -48,15 +50,6 @@ from mocobench.errors import UserError
 INSTALL = ("pip install mmsegmentation==1.2.2 mmengine==0.10.7 mmcv-lite==2.1.0 ftfy regex "
            "(or: pip install 'moco-bench[segment]')")
 
-# Torchvision-compatible ResNets in mmseg: `ResNet` is V1b (7x7 stem conv1/bn1,
-# stride in the 3x3 conv when style='pytorch'), so its state-dict names are
-# torchvision's. Its registered subclasses (ResNetV1c/V1d deep stem, ResNeXt
-# groups) are not, nor is style='caffe' (stride in the 1x1 conv).
-PLAIN_RESNET_DEPTHS = (18, 34, 50, 101, 152)
-STAGE_CHANNELS = {18: (64, 128, 256, 512), 34: (64, 128, 256, 512),
-                  50: (256, 512, 1024, 2048), 101: (256, 512, 1024, 2048),
-                  152: (256, 512, 1024, 2048)}
-
 _STAND_IN_NOTE = "stand-in registered by mocobench.mmseg_compat because mmcv-lite has no compiled ops"
 
 
@@ -72,7 +65,7 @@ class _MissingOps(types.ModuleType):
             raise UserError(
                 f"mmcv op {name!r} needs mmcv's compiled extension, which mmcv-lite lacks; "
                 "use a config without deformable/PSA/CARAFE/CrissCross layers, or install the full "
-                "mmcv==2.1.0 built from source (see mocobench/mmseg_compat.py)")
+                "mmcv==2.1.0 built from source (see docs/dependencies.md)")
 
         missing.__name__ = name
         return missing
@@ -128,123 +121,3 @@ def import_mmseg():
     # Populates the registries; the Runner's `default_scope='mmseg'` selects them.
     register_all_modules(init_default_scope=False)
     return mmseg
-
-
-# --- the plain ResNet backbone --------------------------------------------------------------
-
-def check_plain_resnet(backbone_cfg, where: str = "model.backbone") -> int:
-    """Refuse, in one line, any backbone whose weights cannot come from a
-    torchvision-layout ResNet checkpoint; return its depth.
-
-    The classic trap is mmseg's default ``ResNetV1c``: its deep stem (``stem.*``) has
-    no ``conv1``, so torchvision-style weights leave it random and mmengine only logs
-    the missing keys.
-    """
-    cfg = dict(backbone_cfg)
-    kind = str(cfg.get("type", "")).split(".")[-1]
-    example = "use type='ResNet', style='pytorch' as in configs/segmentation/fcn_r50_d8_voc12aug_512x512_20k.py"
-    if kind != "ResNet":
-        why = (" (deep stem 'stem.*' has no conv1/bn1 and would stay randomly initialised)"
-               if kind in ("ResNetV1c", "ResNetV1d") else "")
-        raise UserError(f"{where}.type is {kind or None!r}, not the plain ResNet that torchvision-layout "
-                        f"weights fit{why}; {example}")
-    checks = [
-        ("style", "pytorch", "style='caffe' puts the stride in the 1x1 conv, torchvision in the 3x3"),
-        ("deep_stem", False, "a deep stem has no counterpart in torchvision weights"),
-        ("avg_down", False, "avg_down changes the shortcut layout"),
-        ("in_channels", 3, "torchvision ResNets take 3-channel RGB"),
-        ("stem_channels", 64, "torchvision ResNets have a 64-channel stem"),
-        ("base_channels", 64, "torchvision ResNets have 64 base channels"),
-        ("dcn", None, "deformable convs are not in torchvision weights"),
-        ("plugins", None, "plugins add layers torchvision weights lack"),
-        ("pretrained", None, "the backbone weights come from --weights through init_cfg"),
-    ]
-    for key, want, why in checks:
-        if key in cfg and cfg[key] != want and not (key == "stem_channels" and cfg[key] is None):
-            raise UserError(f"{where}.{key}={cfg[key]!r} does not fit torchvision-layout weights ({why}); "
-                            f"set {key}={want!r}")
-    depth = cfg.get("depth")
-    if depth not in PLAIN_RESNET_DEPTHS:
-        raise UserError(f"{where}.depth={depth!r} is not one of {PLAIN_RESNET_DEPTHS}")
-    return int(depth)
-
-
-def resnet_backbone_cfg(depth: int = 50, checkpoint: str | None = None, prefix: str = "backbone.",
-                        **overrides) -> dict:
-    """mmseg config dict of the plain ResNet, loading `checkpoint` through init_cfg.
-
-    Defaults are mmseg ResNet's (strides (1,2,2,2), BN), whose stage outputs equal
-    torchvision's layer1..layer4; pass strides/dilations/norm_cfg for the dilated
-    FCN-D8 geometry (strides (1,2,1,1), dilations (1,1,2,4), contract_dilation=True).
-    """
-    cfg = dict(type="ResNet", depth=depth, style="pytorch", pretrained=None,
-               norm_cfg=dict(type="BN", requires_grad=True))
-    if checkpoint is not None:
-        cfg["init_cfg"] = dict(type="Pretrained", checkpoint=str(checkpoint), prefix=prefix)
-    cfg.update(overrides)
-    check_plain_resnet(cfg, "backbone")
-    return cfg
-
-
-def build_resnet_backbone(depth: int = 50, checkpoint: str | None = None,
-                          prefix: str = "backbone.", **overrides):
-    """Build mmseg's plain ``ResNet`` from its registry; with `checkpoint`, load it
-    the way a segmentation run does (``init_cfg`` Pretrained + `prefix`, via
-    ``init_weights()``). Returned in train mode, like any freshly built module.
-
-    Used by the converters' numeric check: compare its outputs (eval mode) with the
-    torchvision model's, and ``compare_backbone(module, expected)`` for the tensors.
-    """
-    import_mmseg()
-    from mmseg.registry import MODELS
-
-    model = MODELS.build(resnet_backbone_cfg(depth, checkpoint, prefix, **overrides))
-    if checkpoint is not None:
-        from mmengine.logging import MMLogger
-
-        # Outside a Runner (no log file) mmengine prints one INFO record per
-        # parameter; keep warnings such as missing keys, drop the rest.
-        logger = MMLogger.get_current_instance()
-        level = logger.level
-        logger.setLevel("WARNING")
-        try:
-            model.init_weights()
-        finally:
-            logger.setLevel(level)
-    return model
-
-
-def compare_backbone(module, expected: dict) -> dict:
-    """Compare every tensor of `module`'s state dict with `expected` (same names,
-    e.g. a converted file's ``state_dict`` with its ``backbone.`` prefix stripped).
-
-    Returns {"checked": n, "missing": [...], "differ": [...], "unexpected": [...]}:
-    missing = in the module but not in `expected` (stays at its initialisation),
-    differ = present but a different value, unexpected = in `expected` only.
-    ``num_batches_tracked`` counters are skipped: they carry no learned value.
-    """
-    import torch
-
-    own = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
-    ref = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(k for k in own if k not in ref)
-    unexpected = sorted(k for k in ref if k not in own)
-    differ = sorted(k for k in own if k in ref and not (
-        own[k].shape == ref[k].shape and torch.equal(own[k].detach().cpu(), ref[k].detach().cpu().to(own[k].dtype))))
-    return {"checked": len(own), "missing": missing, "differ": differ, "unexpected": unexpected}
-
-
-def mmseg_state_dict(path, prefix: str = "backbone.") -> dict:
-    """The backbone tensors of an mmseg-format file, prefix stripped, loaded with
-    ``weights_only=True`` (the way mmengine's Pretrained init reads it)."""
-    import torch
-
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict):
-        raise UserError(f"{path} is not an mmseg checkpoint (a dict with 'state_dict'); "
-                        "convert it with converters.to_mmseg")
-    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    if not out:
-        raise UserError(f"{path} has no '{prefix}*' tensors; convert it with converters.to_mmseg")
-    return out

@@ -6,6 +6,7 @@ needs on disk and returns the argv; `expected` is a regex searched in the error 
 """
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -220,6 +221,48 @@ CASES = [
      lambda tmp: _detect(tmp, extra=["SOLVER.MAX_ITER", "2", "--allow-pickle"]),
      r"--allow-pickle comes after the KEY VALUE overrides"),
     # ---- transfer segment ----
+    ("segment output inside a file", "transfer.segment",
+     lambda tmp: _segment(tmp, output=_regular_file(tmp) / "out"), r"is a file, not a folder"),
+    ("segment random without arch", "transfer.segment",
+     lambda tmp: _segment(tmp, arch=None), r"--weights random needs an architecture; add --arch"),
+    ("segment label >= num_classes", "transfer.segment",
+     lambda tmp: _segment(tmp, edit=lambda d: _seg_label_value(d, 7)),
+     r"train_0\.png holds value\(s\) \[7\] that are not class ids 0\.\.2 nor the ignore label 255"),
+    ("segment colour label map", "transfer.segment",
+     lambda tmp: _segment(tmp, edit=lambda d: _seg_colour_label(d)),
+     r"label map .*train_0\.png has 3 channels; label maps hold one class id per pixel"),
+    ("segment missing label folder", "transfer.segment",
+     lambda tmp: _segment(tmp, edit=lambda d: shutil.rmtree(d / "ann_dir" / "val")),
+     r"ann_dir/val does not exist: test_dataloader\.dataset reads its label maps there"),
+    ("segment missing image", "transfer.segment",
+     lambda tmp: _segment(tmp, edit=lambda d: (d / "img_dir" / "val" / "val_1.png").unlink(),
+                          lines=["test_dataloader = dict(dataset=dict(ann_file='val.txt'))"],
+                          list_file=("val.txt", "val_0\nval_1\n")),
+     r"1 of the 2 images test_dataloader\.dataset lists do not exist \(e\.g\. .*val_1\.png\)"),
+    ("segment image/label size mismatch", "transfer.segment",
+     lambda tmp: _segment(tmp, edit=lambda d: _seg_resize_label(d)),
+     r"label map .*val_0\.png is 24x20 but its image .*val_0\.png is 48x40"),
+    ("segment 16-bit image", "transfer.segment",
+     lambda tmp: _segment(tmp, edit=lambda d: _seg_image_16bit(d)),
+     r"train_1\.png is not an 8-bit image \(PIL mode I;16"),
+    ("segment classes/palette mismatch", "transfer.segment",
+     lambda tmp: _segment(tmp, lines=["train_dataloader = dict(dataset=dict(metainfo=dict(palette=[[0, 0, 0]])))"]),
+     r"train_dataloader\.dataset: metainfo has 3 classes but 1 palette colours"),
+    ("segment num_classes=1", "transfer.segment",
+     lambda tmp: _segment(tmp, edit=lambda d: (d / "classes.txt").write_text("object\n")),
+     r"the dataset has 1 class \(object\); segmentation needs at least two"),
+    ("segment head num_classes contradicts classes", "transfer.segment",
+     lambda tmp: _segment(tmp, options=["model.decode_head.num_classes=5"]),
+     r"model\.decode_head\.num_classes=5 but the dataset has 3 classes \(background, square, disc\)"),
+    ("segment class weights for another class count", "transfer.segment",
+     lambda tmp: _segment(tmp, options=["model.decode_head.loss_decode.class_weight=[0.2,1]"]),
+     r"model\.decode_head\.loss_decode\.class_weight has 2 weights but the dataset has 3 classes"),
+    ("segment metainfo contradicts classes.txt", "transfer.segment",
+     lambda tmp: _segment(tmp, lines=["test_dataloader = dict(dataset=dict(metainfo=dict(classes=('a', 'b'))))"]),
+     r"test_dataloader\.dataset\.metainfo\.classes \(2: a, b, \.\.\.\) contradicts .*classes\.txt"),
+    ("segment no data", "transfer.segment",
+     lambda tmp: _segment(tmp, lines=["embedded_data = None"], data_root=False),
+     r"the config names no data \(no data_root, no embedded_data\); pass --data-root"),
     # ---- transfer report ----
     ("report results.json a number", "transfer.report", _results_file("3"), r"holds a number, not a results record"),
     ("report results.json null", "transfer.report", _results_file("null"), r"holds null, not a results record"),
@@ -354,3 +397,53 @@ def _r34_pkl(tmp):
     torch.save(torchvision.models.resnet34().state_dict(), tmp / "r34.pth")
     to_detectron2(load_backbone(tmp / "r34.pth"), tmp / "r34.pkl", verify=False)
     return tmp / "r34.pkl"
+
+
+# ----------------------------------------------------------------------------- transfer segment
+# A small own-data folder (tests/segment_fixtures.py), spoiled one way per case; _regular_file above.
+
+def _segment(tmp, *, edit=None, lines=(), options=(), list_file=None, output=None, arch="resnet18",
+             data_root=True):
+    """argv of `transfer segment` with a config built on the demo reading a small own-data folder."""
+    from segment_fixtures import TINY, child_config, write_dataset
+
+    data = write_dataset(tmp / "data")
+    if list_file:
+        (data / list_file[0]).write_text(list_file[1])
+    if edit:
+        edit(data)
+    config = child_config(tmp / "my_config.py", *([f"data_root = {str(data)!r}"] if data_root else []), *lines)
+    return ["--config", str(config), "--weights", "random", *(["--arch", arch] if arch else []),
+            "--output", str(output or tmp / "out"), "--cfg-options", *TINY, *options]
+
+
+def _seg_label_value(data, value):
+    import numpy as np
+    from PIL import Image
+
+    path = data / "ann_dir" / "train" / "train_0.png"
+    label = np.asarray(Image.open(path)).copy()
+    label[0, 0] = value
+    Image.fromarray(label).save(path)
+
+
+def _seg_colour_label(data):
+    from PIL import Image
+
+    path = data / "ann_dir" / "train" / "train_0.png"
+    Image.open(path).convert("RGB").save(path)
+
+
+def _seg_resize_label(data):
+    from PIL import Image
+
+    path = data / "ann_dir" / "val" / "val_0.png"
+    Image.open(path).resize((24, 20), Image.NEAREST).save(path)
+
+
+def _seg_image_16bit(data):
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 40 * 48).reshape(40, 48).astype(np.uint16)
+    Image.fromarray(ramp).save(data / "img_dir" / "train" / "train_1.png")

@@ -154,7 +154,8 @@ _README = [
     "defines it. Rows are compared only within one table.",
     "- `x±s`: mean and sample standard deviation over the row's runs (the runs column says how "
     "many, and whether they are fine-tuning seeds or pretraining runs).",
-    "- `[lo, hi]`: 95% bootstrap confidence interval over the test images (test-set sampling only).",
+    "- `[lo, hi]`: 95% bootstrap confidence interval (BCa) over the test images (test-set "
+    "sampling only; approximate for AP, see the notes).",
     "- `(+d [lo, hi], p=...)`: difference to the table's baseline (named under each table), computed "
     "from the printed numbers; its paired bootstrap interval; Welch's t-test over seeds where both "
     "rows have several runs. `n.s.`: not significant at 95%.",

@@ -2,11 +2,13 @@
 
     python -m transfer segment --config configs/segmentation/fcn_r50_d8_voc12aug_512x512_20k.py \\
         --weights CKPT --output DIR [--launcher none|pytorch] [--data-root ROOT] [--cfg-options k=v ...]
+    python -m transfer segment --config ... --weights random --arch resnet18 --output DIR
 
     torchrun --nproc_per_node 4 -m transfer segment --launcher pytorch --config ... --weights ... --output ...
 
 CKPT is any checkpoint ``converters.load_backbone`` reads (MoCo, mmselfsup, torchvision
-supervised, Detectron2 .pkl ...). It is converted to MMSegmentation's layout
+supervised, Detectron2 .pkl ...), or ``random`` with ``--arch`` (a seeded torchvision
+initialisation, the random-init baseline). It is converted to MMSegmentation's layout
 (``DIR/weights/backbone_mmseg.pth``, verified by the converter) and loaded through the
 backbone's ``init_cfg`` -- never ``load_from``, which silently loads nothing from a bare
 backbone file. What this module guards against (MoCo issues #55/#65, mmseg #695/#966/#3476):
@@ -14,15 +16,18 @@ backbone file. What this module guards against (MoCo issues #55/#65, mmseg #695/
 * the backbone must be mmseg's plain ``ResNet`` (style pytorch); ``ResNetV1c`` -- mmseg's
   default FCN backbone -- keeps a random deep stem with torchvision-layout weights, and
   mmengine loads with ``strict=False``, so it would only log the missing keys;
-* ``pretrained`` must be None (mmseg asserts against ``pretrained`` plus ``init_cfg``);
 * after the Runner initialised the weights, every backbone tensor is compared with the
   converted file; any tensor that did not come from it stops the run (UserError);
+* every image and label map is checked before training (transfer/segment_data.py), and the
+  heads must predict exactly the data's classes;
 * SyncBN when distributed on GPUs, BN otherwise (SyncBN cannot run on CPU);
 * the data preprocessor uses the normalisation the weights were pretrained with when the
   checkpoint records it (RGB ImageNet mean/std otherwise, as in the configs).
 
 Metrics: mIoU, mAcc, aAcc (percent) from mmseg's IoUMetric on the test split, after the
-last training iteration, into DIR/results.json (engine "mmseg").
+last training iteration, into DIR/results.json (engine "mmseg", a full protocol record),
+with one confusion matrix per test image in DIR/outcomes.npz (transfer.outcomes).
+Users' own data, the configs and the demo's settings: docs/segmentation.md.
 """
 from __future__ import annotations
 
@@ -30,13 +35,14 @@ import argparse
 import copy
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mocobench.errors import UserError, cli
-from mocobench.mmseg_compat import (PLAIN_RESNET_DEPTHS, STAGE_CHANNELS, check_plain_resnet,
-                                 compare_backbone, import_mmseg, mmseg_state_dict)
+from mocobench.mmseg_compat import import_mmseg
+from transfer import segment_config as sc
+from transfer import segment_data as sd
 
-ARCH_DEPTH = {f"resnet{d}": d for d in PLAIN_RESNET_DEPTHS}
 PREFIX = "backbone."
 CONVERTED = "weights/backbone_mmseg.pth"
 
@@ -44,14 +50,17 @@ CONVERTED = "weights/backbone_mmseg.pth"
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m transfer segment", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="MMSegmentation config (.py), e.g. configs/segmentation/*.py")
-    p.add_argument("--weights", required=True, help="backbone checkpoint in any layout converters reads")
-    p.add_argument("--output", required=True, help="work dir: logs, checkpoints, results.json")
+    p.add_argument("--weights", required=True,
+                   help="backbone checkpoint in any layout converters reads, or 'random' with --arch")
+    p.add_argument("--arch", default=None, help="architecture (required with --weights random; else checked)")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the --weights random initialisation")
+    p.add_argument("--output", required=True, help="work dir: logs, converted weights, results.json")
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none",
                    help="'pytorch' under torchrun (one process per GPU); 'none' = one process")
     p.add_argument("--data-root", default=None,
                    help="dataset root for train/val/test (overrides the config's data_root)")
     p.add_argument("--label", default=None, help="name of the weights in reports (default: file stem)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="fine-tuning seed (mmengine randomness.seed)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="mmengine config overrides, e.g. train_cfg.max_iters=1000")
     return p.parse_args(argv)
@@ -61,160 +70,57 @@ def parse_args(argv):
 def main(argv=None) -> None:
     args = parse_args(argv)
     run(args.config, args.weights, args.output, launcher=args.launcher, data_root=args.data_root,
-        cfg_options=args.cfg_options, seed=args.seed, label=args.label)
+        cfg_options=args.cfg_options, seed=args.seed, label=args.label, arch=args.arch,
+        init_seed=args.init_seed)
 
 
-# ----------------------------------------------------------------------------- config checks
+# ----------------------------------------------------------------------------- weights
 
-def _cfg_options(pairs) -> dict:
-    """`k=v` strings -> dict, values parsed the way mmengine's --cfg-options does."""
-    from mmengine.config import DictAction
+def load_weights(weights: str, arch: str | None, init_seed: int, label: str | None):
+    """-> (converters.Backbone, transfer.results weights record)."""
+    import converters
+    from transfer.results import weights_record
 
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"--cfg-options expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key] = DictAction._parse_iterable(value)
+    if weights == "random":  # the same seeded torchvision initialisation as linear / kNN use
+        from transfer.features import load_frozen_backbone
+
+        frozen = load_frozen_backbone("random", arch, init_seed, label)
+        return converters.Backbone(frozen.arch, frozen.reference, "random"), frozen.record
+    if not Path(weights).is_file():
+        raise UserError(f"weights {weights} do not exist; pass a checkpoint file "
+                        "(or --weights random --arch resnet50 for the random-init baseline)")
+    bb = converters.load_backbone(weights, arch=arch)
+    return bb, weights_record(weights, label, bb.layout)
+
+
+def mmseg_state_dict(path, prefix: str = PREFIX) -> dict:
+    """The backbone tensors of an mmseg-format file, prefix stripped, loaded with
+    ``weights_only=True`` (the way mmengine's Pretrained init reads it)."""
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not an mmseg checkpoint (a dict with 'state_dict'); "
+                        "convert it with converters.to_mmseg")
+    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not out:
+        raise UserError(f"{path} has no '{prefix}*' tensors; convert it with converters.to_mmseg")
     return out
 
 
-def _walk(node, fn):
-    """Call fn(dict) on every dict nested in lists/dicts of a config."""
-    if isinstance(node, dict):
-        fn(node)
-        for v in node.values():
-            _walk(v, fn)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            _walk(v, fn)
+def check_backbone_loaded(backbone, converted):
+    """UserError unless every tensor of `backbone` equals the converted file's; -> StateDiff."""
+    from mocobench.state import compare_state
 
+    diff = compare_state(mmseg_state_dict(converted), backbone.state_dict(), skip_counters=True)
+    total = diff.checked + len(diff.missing)  # the backbone's tensors, BN counters aside
+    diff.refuse_unless_equal(
+        f"the backbone weights file {converted}, compared with the backbone the Runner built,",
+        then=f"of {total} backbone tensors not all came from it, so the model would train from "
+             "partly random weights -- check the config's backbone (plain ResNet, style pytorch) and the checkpoint")
+    return diff
 
-def follow_iters(cfg, options: dict) -> None:
-    """Merge --cfg-options. When they change train_cfg.max_iters, the schedulers that
-    ended at the old max_iters (poly LR) end at the new one, unless set explicitly too."""
-    old = (cfg.get("train_cfg") or {}).get("max_iters")
-    try:
-        cfg.merge_from_dict(options)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise UserError(f"--cfg-options {' '.join(options)} do not fit the config: {e}") from None
-    new = (cfg.get("train_cfg") or {}).get("max_iters")
-    if old is None or new == old or any(k.startswith("param_scheduler") for k in options):
-        return
-    for sched in cfg.get("param_scheduler") or []:
-        if sched.get("end") == old:
-            sched["end"] = new
-
-
-def check_model_cfg(cfg) -> int:
-    """Refuse configs whose backbone cannot take torchvision-layout weights; return its depth."""
-    model = cfg.get("model")
-    if not model or "backbone" not in model:
-        raise UserError("config has no model.backbone; start from a file in configs/segmentation/")
-    if model.get("pretrained") is not None:
-        raise UserError(f"config sets model.pretrained={model['pretrained']!r}; set it to None: "
-                        "the backbone weights come from --weights")
-    depth = check_plain_resnet(model["backbone"], "model.backbone")
-    for key in ("load_from", "resume"):
-        if cfg.get(key):
-            raise UserError(f"config sets {key}={cfg[key]!r}, but transfer segment fine-tunes from --weights "
-                            "and never reloads Runner checkpoints (see mocobench/mmseg_compat.py); "
-                            f"set {key} to None/False")
-    return depth
-
-
-def check_depth(cfg, depth: int, arch: str) -> None:
-    if arch not in ARCH_DEPTH:
-        raise UserError(f"weights are {arch}; MMSegmentation's plain ResNet only takes "
-                        f"{', '.join(ARCH_DEPTH)} weights")
-    want = ARCH_DEPTH[arch]
-    if want == depth:
-        return
-    fix = [f"model.backbone.depth={want}"]
-    for head in ("decode_head", "auxiliary_head"):
-        h = cfg.model.get(head)
-        if isinstance(h, dict) and isinstance(h.get("in_index"), int):
-            fix.append(f"model.{head}.in_channels={STAGE_CHANNELS[want][h['in_index']]}")
-    raise UserError(f"weights are {arch} but the config's model.backbone.depth={depth}; "
-                    f"use a matching config or add --cfg-options {' '.join(fix)}")
-
-
-def set_norm(cfg, sync: bool) -> str:
-    """SyncBN on GPUs when distributed, BN otherwise, in backbone and heads alike."""
-    norm = "SyncBN" if sync else "BN"
-
-    def fix(d):
-        n = d.get("norm_cfg")
-        if isinstance(n, dict) and n.get("type") in ("BN", "SyncBN", "BN2d"):
-            n["type"] = norm
-
-    _walk(cfg.model, fix)
-    return norm
-
-
-def set_normalization(cfg, meta: dict) -> dict:
-    """Use the checkpoint's recorded normalisation (timm's rule: preprocessing travels
-    with the weights); keep the config's (RGB ImageNet mean/std) when none is recorded."""
-    pre = cfg.model.get("data_preprocessor")
-    if pre is None:
-        raise UserError("config has no model.data_preprocessor; start from a file in configs/segmentation/")
-    norm = (meta or {}).get("normalization") or {}
-    if norm.get("mean") and norm.get("std"):
-        scale = 255.0 if max(norm["mean"]) <= 1.0 else 1.0  # mmseg normalises 0..255 pixels
-        mean = [round(float(m) * scale, 4) for m in norm["mean"]]
-        std = [round(float(s) * scale, 4) for s in norm["std"]]
-        rgb = str(norm.get("input_format", "RGB")).upper() == "RGB"
-        changed = ([round(float(m), 4) for m in pre.get("mean", [])] != mean
-                   or [round(float(s), 4) for s in pre.get("std", [])] != std
-                   or bool(pre.get("bgr_to_rgb")) != rgb)
-        pre.update(mean=mean, std=std, bgr_to_rgb=rgb)
-        source = "checkpoint" + (" (differs from the config)" if changed else "")
-    else:
-        source = "config"
-    cfg.model.data_preprocessor = pre
-    return {"mean": list(pre["mean"]), "std": list(pre["std"]), "bgr_to_rgb": bool(pre.get("bgr_to_rgb")),
-            "source": source}
-
-
-def _datasets(cfg):
-    """Every dataset dict the config's dataloaders use (ConcatDataset children too)."""
-    found = []
-    for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
-        loader = cfg.get(name)
-        if not loader:
-            continue
-        stack = [loader["dataset"]]
-        while stack:
-            d = stack.pop()
-            if "datasets" in d:
-                stack.extend(d["datasets"])
-            elif "dataset" in d:  # RepeatDataset / ClassBalancedDataset
-                stack.append(d["dataset"])
-            else:
-                found.append(d)
-    return found
-
-
-def set_data_root(cfg, root: str) -> None:
-    for d in _datasets(cfg):
-        d["data_root"] = str(root)
-    cfg.data_root = str(root)
-
-
-def check_data(cfg) -> None:
-    """One line naming the missing folder, instead of mmseg's traceback on the first read."""
-    for d in _datasets(cfg):
-        root = Path(d.get("data_root") or ".")
-        needed = [root / v for k, v in (d.get("data_prefix") or {}).items() if k == "img_path"]
-        if d.get("ann_file"):
-            needed.append(root / d["ann_file"])
-        for path in needed:
-            if not path.exists():
-                raise UserError(f"{path} does not exist: {d.get('type')} expects it under data_root "
-                                f"{str(root)!r}; pass --data-root pointing at the dataset folder")
-
-
-# ----------------------------------------------------------------------------- weights check
 
 def backbone_weights_hook(converted: str):
     """An mmengine hook that, once the Runner has initialised the weights (before the
@@ -232,95 +138,64 @@ def backbone_weights_hook(converted: str):
         def before_train(self, runner):
             model = runner.model.module if is_model_wrapper(runner.model) else runner.model
             self.report = check_backbone_loaded(model.backbone, converted)
-            runner.logger.info(f"backbone check: all {self.report['checked']} tensors equal {converted}")
+            runner.logger.info(f"backbone check: all {self.report.checked} tensors equal {converted}")
 
     return BackboneWeightsCheck()
 
 
-def check_backbone_loaded(backbone, converted) -> dict:
-    """UserError unless every tensor of `backbone` equals the converted file's."""
-    report = compare_backbone(backbone, mmseg_state_dict(converted, PREFIX))
-    bad = report["missing"] + report["differ"]
-    if bad or report["unexpected"]:
-        parts = []
-        if report["missing"]:
-            parts.append(f"{len(report['missing'])} not in the checkpoint (e.g. {report['missing'][0]})")
-        if report["differ"]:
-            parts.append(f"{len(report['differ'])} differ from it (e.g. {report['differ'][0]})")
-        if report["unexpected"]:
-            parts.append(f"{len(report['unexpected'])} checkpoint tensors unused "
-                         f"(e.g. {report['unexpected'][0]})")
-        raise UserError(f"backbone weights did not all come from {converted}: of {report['checked']} "
-                        f"backbone tensors, {'; '.join(parts)}; the model would train from partly random "
-                        "weights -- check the config's backbone (plain ResNet, style pytorch) and the checkpoint")
-    return report
+# ----------------------------------------------------------------------------- the run's parts
+
+@dataclass
+class Data:
+    source: dict  # segment_data.resolve_data_root
+    splits: list  # [segment_data.Split]
+    identity: dict  # segment_data.dataset_identity
+    ignore_index: int
+    pairs_checked: int  # distinct (image, label map) pairs checked before training
 
 
-# ----------------------------------------------------------------------------- embedded data
+def prepare_data(cfg, data_root: str | None) -> Data:
+    """Point the config at the data it reads and check all of it before training."""
+    from transfer.segment_eval import use_per_image_metric
 
-def prepare_embedded_data(cfg) -> dict | None:
-    """Configs with an `embedded_data` block run on scenes composed from held-out
-    Fashion-MNIST items (transfer.scenes), written once in mmseg's img_dir/ann_dir layout
-    and cached (``root`` None = transfer.scenes.default_root()). Safe to call on every
-    rank: the scene writer renames a finished folder into place."""
-    spec = cfg.get("embedded_data")
-    if not spec:
+    source = sd.resolve_data_root(cfg, data_root)
+    sd.apply_class_list(cfg, source)
+    splits = sd.read_splits(cfg)
+    ignore_index = use_per_image_metric(cfg)
+    sc.fit_heads(cfg, splits[0].classes, ignore_index)
+    checked = sd.check_files(splits, ignore_index)
+    return Data(source, splits, sd.dataset_identity(sd.dataset_name(cfg, source), splits), ignore_index, checked)
+
+
+def _rank_from_env() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def prepare_output(output: Path):
+    """Rank 0 prepares and locks the folder (mocobench.fileio) and moves an earlier run's
+    results.json aside (transfer.results.start_run), so a failed re-run leaves nothing for
+    `report`; other ranks return None."""
+    from mocobench.fileio import prepare_output as prepare
+    from transfer.results import start_run
+
+    if _rank_from_env() != 0:
         return None
-    from transfer import scenes
-
-    spec = dict(spec)
-    paths = scenes.ensure_demo_scenes(spec.pop("root", None), **spec)
-    set_data_root(cfg, paths["mmseg"])
-    return {"root": str(paths["mmseg"]), "source": "Fashion-MNIST test split (transfer.scenes)", **spec}
+    lock = prepare(output, "segmentation fine-tuning", need_bytes=200 * 2**20)
+    start_run(output)
+    return lock
 
 
-# ----------------------------------------------------------------------------- the run
-
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def run(config, weights, output, *, launcher: str = "none", data_root: str | None = None,
-        cfg_options=(), seed: int = 0, label: str | None = None) -> dict:
-    """Convert `weights`, fine-tune with `config`, evaluate; write and return results.json's record."""
-    start = time.time()
-    import_mmseg()
+def init_distributed(cfg, launcher: str) -> bool:
+    """Join torchrun's process group before the Runner, so one process per node converts
+    while the others wait; True when distributed."""
     import torch
-    from mmengine.config import Config
-    from mmengine.dist import barrier, get_dist_info, init_dist, is_distributed
-    from mmengine.runner import Runner
+    from mmengine.dist import init_dist, is_distributed
 
-    import converters
-    from transfer.results import read_results, weights_record, write_results
-
-    config, output = Path(config), Path(output).resolve()
-    if not config.is_file():
-        raise UserError(f"config {config} does not exist; see configs/segmentation/")
-    if not Path(weights).is_file():
-        raise UserError(f"weights {weights} do not exist")
-    try:
-        cfg = Config.fromfile(str(config))
-    except Exception as e:  # a broken config file: show its own error in one line
-        raise UserError(f"cannot read config {config}: {type(e).__name__}: {e}") from None
-    file_iters = (cfg.get("train_cfg") or {}).get("max_iters")
-    follow_iters(cfg, _cfg_options(cfg_options))
-
-    depth = check_model_cfg(cfg)
-    if data_root is not None:  # the user's data wins over the embedded demo scenes
-        set_data_root(cfg, data_root)
-        embedded = None
-    else:
-        embedded = prepare_embedded_data(cfg)
-    check_data(cfg)
-    bb = converters.load_backbone(weights)
-    check_depth(cfg, depth, bb.arch)
-
-    distributed = launcher != "none"
-    cuda = torch.cuda.is_available()
-    if distributed and not is_distributed():
-        # Before the Runner, so that one process per node converts while the others wait.
+    if launcher == "none":
+        return False
+    if not is_distributed():
         dist_cfg = dict(cfg.get("env_cfg", {}).get("dist_cfg", {}) or {})
-        if cuda:
+        if torch.cuda.is_available():
             init_dist(launcher, **dist_cfg)
         else:
             # mmengine's pytorch launcher calls torch.cuda.set_device unconditionally; on CPU
@@ -331,71 +206,104 @@ def run(config, weights, output, *, launcher: str = "none", data_root: str | Non
             timeout = dist_cfg.get("timeout")
             torch.distributed.init_process_group(
                 backend="gloo", **({"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}))
-    rank, world_size = get_dist_info()
+    return True
+
+
+def convert(bb, output: Path, distributed: bool) -> Path:
+    """The verified mmseg file of `bb`, written by one process per node."""
+    import converters
+    from mmengine.dist import barrier
 
     converted = output / CONVERTED
-    if _local_rank() == 0:
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         converters.to_mmseg(bb, str(converted), verify=True)
     if distributed:
         barrier()
+    return converted
 
-    backbone = cfg.model.backbone
-    backbone.pretrained = None
-    backbone.init_cfg = dict(type="Pretrained", checkpoint=str(converted), prefix=PREFIX)
-    cfg.model.pretrained = None
-    norm = set_norm(cfg, sync=distributed and cuda)
-    normalization = set_normalization(cfg, bb.meta)
 
-    cfg.work_dir = str(output)
-    # mmengine keeps its logger and visualizer as process-wide instances named by the experiment
-    # (config name + a timestamp in seconds): a second run started in the same second of one
-    # process would get the first run's instances and write into the first run's folder.
-    cfg.experiment_name = f"{config.stem}_{time.time_ns()}"
-    if isinstance(cfg.get("visualizer"), dict):  # mmseg configs name it "visualizer": one per process
-        cfg.visualizer["name"] = cfg.experiment_name
-    cfg.launcher = launcher
-    cfg.randomness = dict(seed=seed, deterministic=False)
-    if cfg.get("env_cfg") and not cuda:
-        cfg.env_cfg.setdefault("dist_cfg", {})["backend"] = "gloo"
-    if distributed and not cuda:
-        # mmengine passes device_ids=[LOCAL_RANK] to DDP, which only GPU modules accept.
-        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None,
-                                     broadcast_buffers=False)
-    resolved = copy.deepcopy(cfg.to_dict())
+def train_and_test(cfg, converted: Path, log_line: str):
+    """Build the Runner, check the backbone it loaded, train, test; -> (runner, metrics, check)."""
+    from mmengine.runner import Runner
 
     runner = Runner.from_cfg(cfg)
-    per_process = cfg.train_dataloader.get("batch_size")
-    runner.logger.info(
-        f"segment: {bb.arch} ({bb.layout}) -> mmseg ResNet depth {depth}, {norm}; batch {per_process} x "
-        f"{world_size} process(es) = {per_process * world_size}, lr "
-        f"{cfg.optim_wrapper.optimizer.get('lr')}, max_iters {cfg.train_cfg.get('max_iters')}")
+    runner.logger.info(log_line)
     check = backbone_weights_hook(str(converted))
     runner.register_hook(check)
     runner.train()
     metrics = runner.test()
     if check.report is None:
         raise UserError("the backbone weight check did not run (training loop skipped?)")
+    return runner, metrics, check
 
-    record = {"metrics": {k: float(metrics[k]) for k in ("mIoU", "mAcc", "aAcc") if k in metrics}}
-    if rank == 0:
+
+# ----------------------------------------------------------------------------- the run
+
+def run(config, weights, output, *, launcher: str = "none", data_root: str | None = None,
+        cfg_options=(), seed: int = 0, label: str | None = None, arch: str | None = None,
+        init_seed: int = 0) -> dict:
+    """Check everything, convert `weights`, fine-tune with `config`, evaluate on the test split;
+    write results.json and outcomes.npz (rank 0) and return the record."""
+    start = time.time()
+    import_mmseg()
+    import torch
+    from mmengine.dist import get_dist_info
+
+    cfg = sc.load_config(config, cfg_options)
+    depth = sc.check_model_cfg(cfg)
+    output = Path(output).resolve()
+    lock = prepare_output(output)
+    try:
+        data = prepare_data(cfg, data_root)
+        bb, weights_rec = load_weights(weights, arch, init_seed, label)
+        sc.check_depth(cfg, depth, bb.arch)
+        distributed = init_distributed(cfg, launcher)
+        cuda = torch.cuda.is_available()
+        converted = convert(bb, output, distributed)
+        sc.set_backbone_init(cfg, converted, PREFIX)
+        norm = sc.set_norm(cfg, sync=distributed and cuda)
+        normalization = sc.set_normalization(cfg, bb.meta)
+        sc.set_runtime(cfg, output, Path(config).stem, launcher=launcher, seed=seed,
+                       distributed=distributed, cuda=cuda)
+        resolved = copy.deepcopy(cfg.to_dict())
+        rank, world_size = get_dist_info()
+        per_process = cfg.train_dataloader.get("batch_size")
+        runner, metrics, check = train_and_test(cfg, converted, (
+            f"segment: {bb.arch} ({bb.layout}) -> mmseg ResNet depth {depth}, {norm}; batch {per_process} x "
+            f"{world_size} process(es) = {per_process * world_size}, lr {cfg.optim_wrapper.optimizer.get('lr')}, "
+            f"max_iters {cfg.train_cfg.get('max_iters')}; data {data.source['root']} ({data.source['from']})"))
+        # IoUMetric rounds to 2 decimals in float32; keep its 2 decimals, not float32's tail
+        record = {"metrics": {k: round(float(metrics[k]), 2) for k in ("mIoU", "mAcc", "aAcc") if k in metrics}}
+        if rank != 0:
+            return record
         resolved["moco_bench"] = {
             "config_file": str(config), "cfg_options": list(cfg_options), "weights_arch": bb.arch,
             "weights_layout": bb.layout, "converted": str(converted), "norm": norm,
-            "normalization": normalization, "world_size": world_size,
-            "batch_per_process": per_process, "effective_batch": per_process * world_size,
-            "backbone_tensors_checked": check.report["checked"], "embedded_data": embedded,
-        }
-        bench = dict(cfg.get("benchmark") or {})
-        protocol = bench.get("protocol", config.stem)
-        iters = cfg.train_cfg.get("max_iters")
-        if iters != file_iters:  # a shortened run is not the named protocol
-            protocol = f"{protocol}, max_iters={iters}"
-        splits = {"train": len(runner.train_dataloader.dataset), "test": len(runner.test_dataloader.dataset)}
-        path = write_results(
-            output, task="segment",
-            dataset={"name": bench.get("dataset", config.stem), "splits": splits},
-            weights=weights_record(weights, label, bb.layout), engine="mmseg",
-            protocol=protocol, config=resolved, seed=seed,
-            wall_time_s=time.time() - start, metrics=record["metrics"])
-        record = read_results(path)
-    return record
+            "normalization": normalization, "world_size": world_size, "batch_per_process": per_process,
+            "effective_batch": per_process * world_size, "backbone_tensors_checked": check.report.checked,
+            "data": data.source, "pairs_checked": data.pairs_checked}
+        return write(output, cfg, config, runner, data, record["metrics"], weights=weights_rec,
+                     resolved=resolved, seed=seed, norm=norm, world_size=world_size,
+                     cfg_options=cfg_options, wall_time_s=time.time() - start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def write(output: Path, cfg, config, runner, data: Data, metrics: dict, *, weights: dict, resolved: dict,
+          seed: int, norm: str, world_size: int, cfg_options, wall_time_s: float) -> dict:
+    """outcomes.npz, then results.json (so a results.json always has its outcomes beside it)."""
+    from transfer import segment_eval as se
+    from transfer.results import read_results, write_results
+
+    test = next(s for s in data.splits if s.role == "test")
+    image_root = os.path.commonpath([os.path.dirname(p) for p in test.images])
+    outcomes = se.save_outcomes(runner, output, list(test.classes), image_root)
+    protocol = se.protocol(cfg, name=se.protocol_name(cfg, config), dataset=data.identity,
+                           ignore_index=data.ignore_index, norm=norm, world_size=world_size,
+                           cfg_options=cfg_options)
+    dataset = {**data.identity, "root": data.source["root"], "from": data.source["from"]}
+    path = write_results(output, task="segment", dataset=dataset, weights=weights, engine="mmseg",
+                         protocol=protocol, outcomes=outcomes, config=resolved, seed=seed,
+                         wall_time_s=wall_time_s, metrics=metrics)
+    return read_results(path)

@@ -107,34 +107,36 @@ class DetectionOutcomes:
     def evaluate(self, weights, names: dict) -> dict:
         out = {}
         for iou_type in {t for t, _ in names.values()}:
-            per_iou = self._ap_per_iou(weights, self.ranked[iou_type])  # (b, T)
+            per_iou = average_precision(weights, self.ranked[iou_type], self.metric)  # (b, T)
             values = {"AP": per_iou.mean(1), "AP50": per_iou[:, 0], "AP75": per_iou[:, 5]}
             for m, (t, name) in names.items():
                 if t == iou_type:
                     out[m] = 100 * values[name.removeprefix("mask_")]
         return out
 
-    def _ap_per_iou(self, weights, ranked):
-        """(b, T): AP at each IoU threshold, averaged over categories as each definition does."""
-        recalls = VOC07_RECALLS if self.metric == "voc07" else _coco_recalls()
-        precision = _voc_precision if self.metric == "voc07" else _coco_precision
-        b, aps, counted = len(weights), [], []
-        for cat in ranked:
-            npos = weights @ cat.positives
-            step = max(1, _BLOCK_ELEMENTS // max(1, len(cat.image)))
-            q = np.concatenate([cat.interpolated(weights[s:s + step], recalls, precision)
-                                for s in range(0, b, step)])  # (b, T, R)
-            if self.metric == "voc07":
-                aps.append(np.where(npos[:, None] > 0, q.sum(2) / 11.0, 0.0))
-                counted.append(np.ones(b, bool))
-            else:
-                aps.append(q.mean(2))
-                counted.append(npos > 0)
-        if not aps:
-            return np.full((b, len(VOC_IOUS)), np.nan)
-        aps, counted = np.stack(aps, 1), np.stack(counted, 1)[:, :, None]  # (b, K, T), (b, K, 1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (aps * counted).sum(1) / counted.sum(1)
+
+def average_precision(weights, ranked: list, metric: str):
+    """(b, T): AP at each IoU threshold under each redraw (weights (b, n)), averaged over the
+    categories (RankedCategory) as the definition (``coco`` or ``voc07``) does."""
+    recalls = VOC07_RECALLS if metric == "voc07" else _coco_recalls()
+    precision = _voc_precision if metric == "voc07" else _coco_precision
+    b, aps, counted = len(weights), [], []
+    for cat in ranked:
+        npos = weights @ cat.positives
+        step = max(1, _BLOCK_ELEMENTS // max(1, len(cat.image)))
+        q = np.concatenate([cat.interpolated(weights[s:s + step], recalls, precision)
+                            for s in range(0, b, step)])  # (b, T, R)
+        if metric == "voc07":
+            aps.append(np.where(npos[:, None] > 0, q.sum(2) / 11.0, 0.0))
+            counted.append(np.ones(b, bool))
+        else:
+            aps.append(q.mean(2))
+            counted.append(npos > 0)
+    if not aps:
+        return np.full((b, len(VOC_IOUS)), np.nan)
+    aps, counted = np.stack(aps, 1), np.stack(counted, 1)[:, :, None]  # (b, K, T), (b, K, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (aps * counted).sum(1) / counted.sum(1)
 
 
 def _coco_precision(tp, fp):

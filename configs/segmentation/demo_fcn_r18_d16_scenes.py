@@ -1,27 +1,33 @@
-# DEMO, CPU-sized: FCN-D8 on a ResNet-18, on the embedded Fashion-MNIST scenes. Not a benchmark.
+# DEMO, CPU-sized: FCN-D16 on a ResNet-18, on the embedded Fashion-MNIST scenes. Not a benchmark.
 #
-# Scale, honestly: 256 train / 64 val scenes of 128x128 pixels (2-4 Fashion-MNIST test-split items
-# of 28-56 px pasted on a dim gradient; 11 classes: background + the 10 Fashion-MNIST classes;
-# transfer.scenes composes them once and caches them), random 64x64 training crops, batch 8,
-# 300 iterations (about 10 epochs), heads at a quarter of the published width. It exists to run the
-# real MMSegmentation pipeline (dataset reader, FCN training, IoUMetric) end to end on a laptop in
-# minutes; its mIoU says nothing about VOC or Cityscapes. The network layout is the one of
-# fcn_r50_d8_voc12aug_512x512_20k.py (plain ResNet, strides (1,2,1,1), dilations (1,1,2,4)),
-# at depth 18 to match the CPU demo pretraining; for ResNet-50 weights add
-#   --cfg-options model.backbone.depth=50 model.decode_head.in_channels=2048 model.auxiliary_head.in_channels=1024
+# Scale, honestly: 256 train / 64 test scenes of 128x128 pixels (2-4 Fashion-MNIST test-split
+# items of 28-56 px pasted on a dim gradient; 11 classes: background + the 10 Fashion-MNIST
+# classes; transfer.scenes composes them once and caches them), random 96x96 training crops,
+# batch 8, 200 iterations (about 6 epochs), one quarter-width FCN head. It exists to run the real
+# MMSegmentation pipeline (dataset reader, FCN training, IoUMetric) end to end on a laptop within
+# about two minutes of one CPU thread; its mIoU says nothing about VOC or Cityscapes. Settings
+# were chosen on a validation split of the scenes, never the test split (docs/segmentation.md,
+# "The demo": what was tried and measured). The network is the plain ResNet of the published
+# configs with output stride 16 (strides (1,2,2,1), dilations (1,1,1,2)) instead of 8: at these
+# crop sizes a larger crop paid more than a finer output. Depth 18 matches the CPU demo
+# pretraining; for ResNet-50 weights add
+#   --cfg-options model.backbone.depth=50 model.decode_head.in_channels=2048
 #
-# Run:  python -m transfer segment --config configs/segmentation/demo_fcn_r18_d8_scenes.py \
+# Run:  python -m transfer segment --config configs/segmentation/demo_fcn_r18_d16_scenes.py \
 #           --weights CKPT --output DIR
 
-benchmark = dict(dataset='fmnist-scenes', protocol='demo_fcn_r18_d8_64x64_300it')
+# The data's name in results.json comes from what is read (here the embedded scenes: fmnist-scenes).
+benchmark = dict(protocol='demo_fcn_r18_d16_96x96_200it')
 
 # The scenes (transfer.scenes.ensure_demo_scenes arguments); root=None caches them under
 # $MOCO_BENCH_CACHE/scenes or ~/.cache/moco-bench/scenes. transfer segment points data_root there.
 embedded_data = dict(root=None, n_train=256, n_val=64, seed=0, canvas=128)
 
-crop_size = (64, 64)
-num_classes = 11
-max_iters = 300
+crop_size = (96, 96)
+# None: the heads predict the classes of the data's classes.txt (the scenes write 'background' and
+# the 10 Fashion-MNIST classes; a user's own data folder brings its own list, docs/segmentation.md).
+num_classes = None
+max_iters = 200
 norm_cfg = dict(type='SyncBN', requires_grad=True)  # BN when run as one process (transfer segment)
 data_preprocessor = dict(
     type='SegDataPreProcessor',
@@ -40,8 +46,8 @@ model = dict(
         depth=18,
         num_stages=4,
         out_indices=(0, 1, 2, 3),
-        dilations=(1, 1, 2, 4),
-        strides=(1, 2, 1, 1),
+        dilations=(1, 1, 1, 2),  # D16: layer4 dilated instead of strided
+        strides=(1, 2, 2, 1),
         norm_cfg=norm_cfg,
         norm_eval=False,
         style='pytorch',
@@ -58,30 +64,19 @@ model = dict(
         num_classes=num_classes,
         norm_cfg=norm_cfg,
         align_corners=False,
-        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
-    auxiliary_head=dict(
-        type='FCNHead',
-        in_channels=256,  # ResNet-18 layer3
-        in_index=2,
-        channels=64,  # published: 256
-        num_convs=1,
-        concat_input=False,
-        dropout_ratio=0.1,
-        num_classes=num_classes,
-        norm_cfg=norm_cfg,
-        align_corners=False,
-        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
+        # The scenes are ~84% background: weighting it 0.2 got the heads off all-background
+        # (validation mIoU 14.8 vs 10.8 at 80 iterations); one weight per class of the scenes.
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0,
+                         class_weight=[0.2] + [1.0] * 10)),
+    # No auxiliary head: it cost 18% of each step and did not help here (validation mIoU 31.6
+    # without, 29.6 with, at 160 iterations).
+    auxiliary_head=None,
     train_cfg=dict(),
     test_cfg=dict(mode='whole'))
 
 # ---- data: mmseg's own BaseSegDataset reads the img_dir/ + ann_dir/ layout unchanged
 dataset_type = 'BaseSegDataset'
 data_root = None  # filled by transfer segment from embedded_data
-metainfo = dict(
-    classes=('background', 'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
-             'Sneaker', 'Bag', 'Ankle boot'),
-    palette=[[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128],
-             [0, 128, 128], [128, 128, 128], [64, 0, 0], [192, 0, 0], [64, 128, 0]])
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations'),
@@ -103,7 +98,6 @@ train_dataloader = dict(
     sampler=dict(type='InfiniteSampler', shuffle=True),
     dataset=dict(
         type=dataset_type,
-        metainfo=metainfo,
         data_root=data_root,
         img_suffix='.png',
         seg_map_suffix='.png',
@@ -117,7 +111,6 @@ test_dataloader = dict(
     sampler=dict(type='DefaultSampler', shuffle=False),
     dataset=dict(
         type=dataset_type,
-        metainfo=metainfo,
         data_root=data_root,
         img_suffix='.png',
         seg_map_suffix='.png',
@@ -133,7 +126,7 @@ val_evaluator = None
 # ---- schedule: the published SGD + poly, over the demo's iterations
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0005),
+    optimizer=dict(type='SGD', lr=0.05, momentum=0.9, weight_decay=0.0005),  # published 0.01; 0.05 learnt faster here
     clip_grad=None)
 param_scheduler = [dict(type='PolyLR', eta_min=1e-4, power=0.9, begin=0, end=max_iters, by_epoch=False)]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters)
@@ -146,7 +139,7 @@ default_hooks = dict(
     logger=dict(type='LoggerHook', interval=20, log_metric_by_epoch=False),
     param_scheduler=dict(type='ParamSchedulerHook'),
     # No checkpoint files (~100 MB each with the optimizer state): the model is evaluated in memory
-    # right after training. --cfg-options default_hooks.checkpoint.interval=300 keeps one.
+    # right after training. --cfg-options default_hooks.checkpoint.interval=200 keeps one.
     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=-1, save_last=False),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='SegVisualizationHook'))
