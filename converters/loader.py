@@ -27,6 +27,7 @@ import torch
 
 from mocobench.errors import UserError
 from mocobench.fileio import PRETRAIN_CHECKPOINT_FORMAT as PRETRAIN_FORMAT
+from mocobench.fileio import checksum_matches, pretrain_backbone_prefix
 from mocobench.state import compare_state
 from converters import archs
 from converters.formats import MMSEG_FORMAT
@@ -120,6 +121,71 @@ def _carried(meta: dict) -> dict:
                                  "git_sha") if k in meta}
 
 
+def _pretrain_checkpoint(obj, path):
+    """Our pretrain checkpoint, refused when its checksum or its backbone_prefix is wrong."""
+    if not checksum_matches(obj):
+        raise UserError(f"checkpoint {path} is corrupt: checksum mismatch; re-copy the file")
+    method, prefix = obj.get("method"), obj.get("backbone_prefix")
+    if prefix != pretrain_backbone_prefix(method):  # e.g. "encoder_k.": MoCo's momentum encoder
+        raise UserError(f"checkpoint {path} says backbone_prefix {prefix!r}, but a {method!r} checkpoint "
+                        f"keeps its backbone under {pretrain_backbone_prefix(method)!r}; the file was "
+                        f"edited: re-copy it from the pretraining output")
+    sd = _tensors(obj.get("state_dict"))
+    if not _is_tv(sd, prefix):
+        raise UserError(f"checkpoint {path} says {PRETRAIN_FORMAT} but has no "
+                        f"{prefix}conv1.weight/{prefix}layer1.*; it is corrupt, re-save it")
+    return "moco-bench", sd, prefix, "tv", _carried(obj)
+
+
+def _candidates(obj) -> list:
+    """Every (where, layout, tensors, prefix, naming) that holds a ResNet backbone: the file's
+    "state_dict", its "model" and its top level, each under every known prefix."""
+    found = []
+    for where in ("state_dict", "model", None):
+        sd = _tensors(obj if where is None else obj.get(where))
+        tv = [(p, layout, "tv") for p, layout in TV_PREFIXES if _is_tv(sd, p)]
+        d2 = [(p, "detectron2", "d2") for p in D2_PREFIXES if _is_d2(sd, p)]
+        found += [(where, layout, sd, p, naming) for p, layout, naming in tv + d2]
+    return found
+
+
+def _backbone_tensors(sd, prefix, naming) -> dict:
+    names = {k: (d2_to_tv(k[len(prefix):]) if naming == "d2" else k[len(prefix):])
+             for k in sd if k.startswith(prefix)}
+    return {n: sd[k] for k, n in names.items() if n and n.startswith(archs.BACKBONE_ROOTS)}
+
+
+def _describe(where, prefix) -> str:
+    return f"{repr(where) if where else 'the top level'} ({f'keys {prefix}*' if prefix else 'unprefixed keys'})"
+
+
+def _one_candidate(found, path):
+    """The backbone the file holds, refusing two different ones (which one is meant is a guess)."""
+    first = found[0]
+    for other in found[1:]:
+        a, b = (_backbone_tensors(c[2], c[3], c[4]) for c in (first, other))
+        if not compare_state(a, b).equal:
+            raise UserError(f"checkpoint {path} holds two different backbones, "
+                            f"{_describe(first[0], first[3])} and {_describe(other[0], other[3])}; "
+                            f"refusing to guess: save only the one you mean")
+    return first
+
+
+def _meta(obj, layout) -> tuple:
+    """-> (layout, what the file says about its weights) for a detected layout."""
+    if layout == "mmselfsup" and isinstance(obj.get("meta"), dict) \
+            and obj["meta"].get("format") == MMSEG_FORMAT:
+        return "mmseg", _carried(obj["meta"])
+    if layout == "moco-official":  # main_moco.py saves {"epoch", "arch", "state_dict", ...}
+        return layout, {k: obj[k] for k in ("arch", "epoch") if isinstance(obj.get(k), (str, int))}
+    if layout == "detectron2":
+        meta = _carried(obj["meta"]) if isinstance(obj.get("meta"), dict) else {}
+        if "__author__" in obj:
+            meta["author"] = obj["__author__"]
+        return layout, meta
+    return layout, {}
+
+
 def _detect(obj, path):
     """-> (layout, tensors with source names, prefix, naming "tv" | "d2", file meta)."""
     if isinstance(obj, Placeholder):  # e.g. torch.save(model): a whole pickled object
@@ -128,33 +194,14 @@ def _detect(obj, path):
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of tensors; "
                         f"supported layouts: {SUPPORTED}")
-    meta = {}
     if obj.get("format") == PRETRAIN_FORMAT:
-        sd, prefix = _tensors(obj.get("state_dict")), obj.get("backbone_prefix", "encoder_q.")
-        if not _is_tv(sd, prefix):
-            raise UserError(f"checkpoint {path} says {PRETRAIN_FORMAT} but has no "
-                            f"{prefix}conv1.weight/{prefix}layer1.*; it is corrupt, re-save it")
-        return "moco-bench", sd, prefix, "tv", _carried(obj)
-
+        return _pretrain_checkpoint(obj, path)
+    found = _candidates(obj)
+    if found:
+        _, layout, sd, prefix, naming = _one_candidate(found, path)
+        layout, meta = _meta(obj, layout)
+        return layout, sd, prefix, naming, meta
     candidates = [obj.get("state_dict"), obj.get("model"), obj]
-    for sd in map(_tensors, candidates):
-        if not sd:
-            continue
-        for prefix, layout in TV_PREFIXES:
-            if _is_tv(sd, prefix):
-                if layout == "mmselfsup" and isinstance(obj.get("meta"), dict) \
-                        and obj["meta"].get("format") == MMSEG_FORMAT:
-                    layout, meta = "mmseg", _carried(obj["meta"])
-                elif layout == "moco-official":  # main_moco.py saves {"epoch", "arch", "state_dict", ...}
-                    meta = {k: obj[k] for k in ("arch", "epoch") if isinstance(obj.get(k), (str, int))}
-                return layout, sd, prefix, "tv", meta
-        for prefix in D2_PREFIXES:
-            if _is_d2(sd, prefix):
-                if isinstance(obj.get("meta"), dict):
-                    meta = _carried(obj["meta"])
-                if "__author__" in obj:
-                    meta["author"] = obj["__author__"]
-                return "detectron2", sd, prefix, "d2", meta
     keys = set().union(*map(_tensors, candidates))
     if not keys:  # arrays nested elsewhere, e.g. a Caffe2 {"blobs": {...}}: show one level down
         keys = {f"{k}.{k2}" if isinstance(v, dict) else str(k) for k, v in obj.items()
@@ -181,8 +228,9 @@ def _split(sd: dict, prefix: str, naming: str, layout: str, path) -> tuple:
             unknown.append(key)  # under the backbone's prefix but not a ResNet parameter
         dropped.setdefault(category, []).append(key)
     if unknown:
-        raise UserError(f"checkpoint {path} ({layout}): keys under {prefix or 'the top level'!r} that "
-                        f"no torchvision ResNet has: {', '.join(unknown[:4])}"
+        where = f"under {prefix!r}" if prefix else "at the top level"
+        raise UserError(f"checkpoint {path} ({layout}) has keys {where} that no torchvision ResNet "
+                        f"has: {', '.join(unknown[:4])}"
                         f"{' ...' if len(unknown) > 4 else ''}; is this a ResNet backbone?")
     return backbone, dropped
 

@@ -21,6 +21,18 @@ from mocobench.errors import UserError
 
 # The format tag of `python -m pretrain` checkpoints: pretrain writes it, converters read it.
 PRETRAIN_CHECKPOINT_FORMAT = "moco-bench.pretrain/1"
+
+
+def pretrain_backbone_prefix(method: str) -> str:
+    """Where a pretrain checkpoint of `method` keeps the backbone in its state_dict: the one
+    encoder of supervised pretraining, MoCo's query encoder (never the momentum encoder)."""
+    return "encoder." if method == "supervised" else "encoder_q."
+
+
+def checksum_matches(ckpt: dict) -> bool:
+    """Whether ckpt["checksum"] is the tensor_digest of everything else in it, as a pretrain
+    checkpoint is stamped: a flipped byte anywhere (tensor or value) makes it False."""
+    return ckpt.get("checksum") == tensor_digest({k: v for k, v in ckpt.items() if k != "checksum"})
 LOCK_NAME = ".moco-bench.lock"
 
 

@@ -18,8 +18,8 @@ import torch
 from mocobench import dist
 from mocobench.config import to_dict
 from mocobench.errors import UserError
-from mocobench.fileio import (PRETRAIN_CHECKPOINT_FORMAT, atomic_torch_save, atomic_write, ensure_room,
-                              git_sha, tensor_digest)
+from mocobench.fileio import (PRETRAIN_CHECKPOINT_FORMAT, atomic_torch_save, atomic_write, checksum_matches,
+                              ensure_room, git_sha, pretrain_backbone_prefix, tensor_digest)
 from mocobench.state import compare_state
 from pretrain.config import MAY_CHANGE_ON_RESUME, PretrainConfig, method_name
 
@@ -67,7 +67,7 @@ def make_checkpoint(cfg: PretrainConfig, model, optimizer, scaler, progress: Pro
         "format": PRETRAIN_CHECKPOINT_FORMAT,
         "arch": cfg.model.arch,
         "method": method_name(cfg),
-        "backbone_prefix": "encoder." if cfg.method == "supervised" else "encoder_q.",
+        "backbone_prefix": pretrain_backbone_prefix(method_name(cfg)),
         "epoch": progress.epoch,
         "epoch_step": progress.epoch_step,
         "step": progress.step,
@@ -138,7 +138,7 @@ def load_checkpoint(path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != PRETRAIN_CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a pretrain checkpoint (format {PRETRAIN_CHECKPOINT_FORMAT}); "
                         "--resume takes a checkpoint written by python -m pretrain")
-    if ckpt.get("checksum") != tensor_digest({k: v for k, v in ckpt.items() if k != "checksum"}):
+    if not checksum_matches(ckpt):
         raise UserError(f"checkpoint {path} is corrupt (checksum mismatch); "
                         "resume from an earlier checkpoint_epNNNN.pth")
     return ckpt

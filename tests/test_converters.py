@@ -16,6 +16,7 @@ from converters import build_resnet, load_backbone, read_checkpoint, to_detectro
 from converters import archs
 from converters.reader import Placeholder
 from mocobench.fileio import PRETRAIN_CHECKPOINT_FORMAT as PRETRAIN_FORMAT
+from mocobench.fileio import tensor_digest
 from converters.names import d2_to_tv, tv_to_d2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +86,7 @@ def write_layout(layout, arch, sd, path: Path) -> Path:
                "state_dict": {**{f"encoder_q.{k}": v for k, v in q.items()},
                               **{f"encoder_k.{k}": v for k, v in _momentum(q).items()}, **_queue()},
                "config": {"lr": 0.03}, "git_sha": None, "optimizer": {}, "scaler": None, "rng": {}}
+        obj["checksum"] = tensor_digest(obj)  # as pretrain stamps it
     elif layout == "moco-official-v1":
         obj = {"epoch": 200, "arch": arch, "optimizer": {},
                "state_dict": {**{f"module.encoder_q.{k}": v for k, v in sd.items()},
@@ -310,8 +312,50 @@ def test_partial_or_misshapen_backbone_is_refused(tmp_path):
         load_backbone(_tv_file(tmp_path, sd))
     sd = _random_resnet("resnet18", 0)
     sd["attnpool.proj.weight"] = torch.zeros(1)
-    with pytest.raises(UserError, match="that no torchvision ResNet has: attnpool.proj.weight; is this a ResNet"):
+    with pytest.raises(UserError, match="has keys at the top level that no torchvision ResNet has: "
+                                        "attnpool.proj.weight; is this a ResNet"):
         load_backbone(_tv_file(tmp_path, sd))
+
+
+def _restamped(obj: dict) -> dict:
+    return {**obj, "checksum": tensor_digest({k: v for k, v in obj.items() if k != "checksum"})}
+
+
+def test_pretrain_checkpoint_checksum_and_backbone_prefix_are_checked(tmp_path):
+    """A flipped value in a tensor, or a backbone_prefix that points at the momentum encoder,
+    would convert the wrong weights with exit 0."""
+    good = write_layout("moco-bench", "resnet18", _random_resnet("resnet18", 0), tmp_path / "good.pth")
+    obj = torch.load(good, weights_only=True)
+    assert load_backbone(good).layout == "moco-bench"
+    flipped = {**obj, "state_dict": dict(obj["state_dict"])}
+    weight = flipped["state_dict"]["encoder_q.layer2.0.conv1.weight"].clone()
+    weight.view(-1).view(torch.uint8)[5] ^= 1  # one bit of one byte
+    flipped["state_dict"]["encoder_q.layer2.0.conv1.weight"] = weight
+    torch.save(flipped, tmp_path / "flip.pth")
+    with pytest.raises(UserError, match=r"flip.pth is corrupt: checksum mismatch; re-copy the file$"):
+        load_backbone(tmp_path / "flip.pth")
+    # a consistent checksum does not make a wrong prefix right (the file was edited and re-stamped)
+    for method, prefix in (("moco_v2", "encoder_k."), ("supervised", "encoder_q.")):
+        torch.save(_restamped({**obj, "method": method, "backbone_prefix": prefix}), tmp_path / "p.pth")
+        with pytest.raises(UserError, match=rf"says backbone_prefix '{prefix}', but a '{method}' checkpoint "
+                                            rf"keeps its backbone under"):
+            load_backbone(tmp_path / "p.pth")
+
+
+def test_two_different_backbones_in_one_file_are_refused(tmp_path):
+    """{"model": A, "state_dict": B} or backbone.* beside encoder_q.*: which one is meant is a
+    guess, so it is refused naming both, unless both hold the same tensors."""
+    a, b = _backbone(_random_resnet("resnet18", 0)), _backbone(_random_resnet("resnet18", 1))
+    torch.save({"model": a, "state_dict": b}, tmp_path / "ambig.pth")
+    with pytest.raises(UserError, match=r"holds two different backbones, 'state_dict' \(unprefixed keys\) and "
+                                        r"'model' \(unprefixed keys\); refusing to guess: save only the one"):
+        load_backbone(tmp_path / "ambig.pth")
+    torch.save({"state_dict": {**{f"backbone.{k}": v for k, v in a.items()},
+                               **{f"encoder_q.{k}": v for k, v in b.items()}}}, tmp_path / "mixed.pth")
+    with pytest.raises(UserError, match=r"'state_dict' \(keys encoder_q.\*\) and 'state_dict' \(keys backbone.\*\)"):
+        load_backbone(tmp_path / "mixed.pth")
+    torch.save({"model": a, "state_dict": {k: v.clone() for k, v in a.items()}}, tmp_path / "same.pth")
+    _assert_same_backbone(load_backbone(tmp_path / "same.pth").state_dict, a)
 
 
 def test_pickled_objects_load_as_inert_placeholders(tmp_path):

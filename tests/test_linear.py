@@ -21,7 +21,7 @@ import transfer.features as features_mod
 from mocobench.config import load_config
 from mocobench.data import build_dataset
 from mocobench.errors import UserError
-from mocobench.fileio import sha256_file
+from mocobench.fileio import sha256_file, tensor_digest
 from mocobench.knn import topk_accuracy
 from converters import load_backbone
 from transfer import logreg
@@ -62,11 +62,11 @@ def signal_weights(tmp_path_factory) -> Path:
         loss.backward()
         opt.step()
     path = tmp_path_factory.mktemp("weights") / "supervised_r18.pth"
-    torch.save({"format": "moco-bench.pretrain/1", "arch": "resnet18", "method": "supervised",
-                "backbone_prefix": "encoder.", "epoch": 0, "step": 50,
-                "state_dict": {f"encoder.{k}": v for k, v in model.state_dict().items()},
-                "normalization": {"mean": mean, "std": std, "input_format": "RGB"},
-                "image_size": SIZE}, path)
+    ckpt = {"format": "moco-bench.pretrain/1", "arch": "resnet18", "method": "supervised",
+            "backbone_prefix": "encoder.", "epoch": 0, "step": 50,
+            "state_dict": {f"encoder.{k}": v for k, v in model.state_dict().items()},
+            "normalization": {"mean": mean, "std": std, "input_format": "RGB"}, "image_size": SIZE}
+    torch.save({**ckpt, "checksum": tensor_digest(ckpt)}, path)  # stamped as pretrain does
     return path
 
 

@@ -18,6 +18,7 @@ import torch
 import torchvision
 
 from mocobench.errors import UserError
+from mocobench.fileio import tensor_digest
 from segment_fixtures import CLASSES, DEMO, ROOT, TINY, child_config, write_dataset
 from transfer.segment_config import check_plain_resnet
 
@@ -51,12 +52,12 @@ def _moco_checkpoint(path, arch="resnet18", seed=0, drop=()):
     sd = {f"encoder_q.{k}": v for k, v in q.items() if not any(k.startswith(d) for d in drop)}
     sd.update({f"encoder_k.{k}": v + 1 for k, v in q.items()})
     sd.update(queue=torch.randn(128, 64), queue_ptr=torch.zeros(1, dtype=torch.long))
-    torch.save({"format": "moco-bench.pretrain/1", "arch": arch, "method": "moco_v2",
-                "backbone_prefix": "encoder_q.", "epoch": 1, "epoch_step": 0, "step": 10, "state_dict": sd,
-                "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                                  "input_format": "RGB"},
-                "image_size": 32, "config": {}, "git_sha": None, "optimizer": {}, "scaler": None,
-                "rng": {}}, path)
+    ckpt = {"format": "moco-bench.pretrain/1", "arch": arch, "method": "moco_v2",
+            "backbone_prefix": "encoder_q.", "epoch": 1, "epoch_step": 0, "step": 10, "state_dict": sd,
+            "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                              "input_format": "RGB"},
+            "image_size": 32, "config": {}, "git_sha": None, "optimizer": {}, "scaler": None, "rng": {}}
+    torch.save({**ckpt, "checksum": tensor_digest(ckpt)}, path)  # stamped as pretrain does
     return {k: v for k, v in q.items() if not k.startswith("fc.")}
 
 
