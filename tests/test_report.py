@@ -240,6 +240,20 @@ def test_outcomes_that_do_not_give_the_reported_metric_get_no_interval(tmp_path)
     assert row(t, "random init")["cells"]["knn_top1"]["ci"] is not None
 
 
+def test_a_row_whose_outcome_files_are_missing_gets_a_note_not_an_error(tmp_path, capsys):
+    """results.json copied without its outcomes: that row has no interval, the report exits 0."""
+    shutil.copytree(GOOD / "detect_voc", tmp_path / "detect_voc")
+    (tmp_path / "detect_voc/random/detections.json").unlink()
+    rp.main([str(tmp_path), "--bootstrap", "50", "--output", str(tmp_path / "out")])
+    (t,) = [t for t in rp.build_tables(rp.load_results([tmp_path]), bootstrap=50) if t["kind"] == "results"]
+    random = [r for r in t["rows"] if r["label"].startswith("random")]
+    assert random and all(c["ci"] is None for r in random for c in r["cells"].values())
+    assert any(c["ci"] is not None for r in t["rows"] if not r["label"].startswith("random")
+               for c in r["cells"].values())
+    assert any("no interval: its outcome file(s) detections.json are missing" in n for n in t["notes"])
+    assert "no interval: its outcome file(s) detections.json are missing" in capsys.readouterr().out
+
+
 def test_rows_scored_on_other_images_are_not_paired(tmp_path):
     shutil.copytree(GOOD / "knn", tmp_path / "knn")
     folder = tmp_path / "knn/random"

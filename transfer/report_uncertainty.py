@@ -13,6 +13,7 @@ weight vectors too (a group of images zeroed) and go through the same evaluators
 deltas combine the three alike: mean over runs, row minus baseline.
 """
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -47,6 +48,8 @@ class TableBootstrap:
         loaded, without = [], []
         for row in rows:
             for i, run in enumerate(row.runs):
+                if self._files_missing(row, run):
+                    continue
                 ev = outcome_files.read(run["_path"], run)
                 (loaded if ev is not None else without).append((row, i, run, ev))
         if without:
@@ -69,6 +72,17 @@ class TableBootstrap:
                 usable.append((row.label, i, ev, None if np.array_equal(pos, np.arange(len(pos))) else pos,
                                names))
         return usable
+
+    def _files_missing(self, row, run) -> bool:
+        """A run whose results.json names outcome files that are not beside it (copied without
+        them, deleted): that row gets no interval and a note, the rest of the report stands."""
+        files = (run.get("outcomes") or {}).get("files", [])
+        folder = Path(run["_path"]).parent
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            self.notes.append(f"{row.label}: no interval: its outcome file(s) {', '.join(missing)} are "
+                              f"missing beside {run['_path']}; copy them with results.json or re-run")
+        return bool(missing)
 
     def _reproduced(self, row, run, ev, pos, metrics) -> dict:
         """The metrics whose identity redraw equals the reported value (others noted)."""
