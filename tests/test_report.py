@@ -451,11 +451,18 @@ def test_paper_numbers_are_consistent_data():
 
 def test_suite_summary_mean_and_average_rank_from_the_fixtures(tables):
     (s,) = [t for t in tables if t["kind"] == "summary"]
-    per_set = {}
+    per_set, definitions = {}, {}
     for p in sorted((GOOD / "suite").rglob("results.json")):
         r = json.loads(p.read_text())
-        metric = next(iter(r["protocol"]["metric"]))
+        metric, text = next(iter(r["protocol"]["metric"].items()))
+        definitions.setdefault(text, set()).add(r["dataset"]["name"])
         per_set.setdefault(r["dataset"]["name"], {})[r["weights"]["label"]] = r["metrics"][metric]
+    # one headline metric definition per summary: the data sets sharing the most common one
+    (kept,) = [names for names in definitions.values() if len(names) >= 2]
+    left_out = sorted(set(per_set) - kept)
+    assert left_out and any(all(d in n for d in left_out) and n.startswith("not in this summary")
+                            for n in s["notes"])
+    per_set = {d: v for d, v in per_set.items() if d in kept}
     assert len(s["headers"]) == len(per_set) + 2
     for label in {lab for v in per_set.values() for lab in v}:
         values = [per_set[ds][label] for ds in sorted(per_set)]
@@ -477,6 +484,52 @@ def test_suite_summary_needs_a_value_in_every_column(tmp_path):
     moco = row(s, "MoCo v2 800ep")
     assert moco["mean"] is None and moco["cells"]["mean"]["text"] == report_tables.NO_VALUE
     assert any("MoCo v2 800ep" in n and "every column" in n for n in s["notes"])
+
+
+def _restamp(path: Path, **changes) -> None:
+    """Rewrite a fixture's protocol (its id recomputed, as a task run that way would write it)."""
+    r = json.loads(path.read_text())
+    fields = {k: v for k, v in r["protocol"].items() if k != "id"}
+    r["protocol"] = protocol_record(**{**fields, **changes})
+    r["engine"] = r["protocol"]["engine"]
+    path.write_text(json.dumps(r))
+
+
+def test_suite_summary_never_mixes_engines_or_metric_definitions(tmp_path):
+    """The tester's report: VOC and COCO detection, each with Detectron2 and torchvision, under one
+    protocol name, were averaged into one 'detect suite: 4 data sets' number."""
+    for sub in ("detect_voc", "detect_coco"):
+        for engine in ("detectron2", "torchvision"):
+            shutil.copytree(GOOD / sub, tmp_path / f"{sub}_{engine}")
+            for p in (tmp_path / f"{sub}_{engine}").rglob("results.json"):
+                _restamp(p, name="demo", engine=engine)
+    tables = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
+    assert len([t for t in tables if t["kind"] == "results"]) == 4
+    assert not [t for t in tables if t["kind"] == "summary"]  # no two columns share engine and metric
+    # two VOC-style data sets with one engine: one summary of exactly those two columns
+    shutil.copytree(tmp_path / "detect_voc_detectron2", tmp_path / "voc_again")
+    for p in (tmp_path / "voc_again").rglob("results.json"):
+        r = json.loads(p.read_text())
+        r["dataset"]["name"] = "voc_again"
+        p.write_text(json.dumps(r))
+        _restamp(p, dataset={**r["protocol"]["dataset"], "name": "voc_again"})
+    tables = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
+    (s,) = [t for t in tables if t["kind"] == "summary"]
+    assert [h.split()[0] for h in s["headers"][:-2]] == ["demo_scenes_voc_test", "voc_again"]
+    assert "detectron2" in s["title"] and any(n.startswith("not in this summary") for n in s["notes"])
+
+
+def test_a_data_set_under_two_protocols_gets_no_suite_summary(tmp_path):
+    shutil.copytree(GOOD / "suite", tmp_path / "suite")
+    shutil.copytree(GOOD / "suite/cifar10", tmp_path / "suite/cifar10_long")
+    for p in (tmp_path / "suite/cifar10_long").rglob("results.json"):
+        schedule = json.loads(p.read_text())["protocol"]["schedule"]
+        _restamp(p, schedule={**schedule, "extra_epochs": 100})
+    tables = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
+    assert not [t for t in tables if t["kind"] == "summary"]
+    cifar = [t for t in tables if t["kind"] == "results" and t["dataset"] == "cifar10"]
+    assert len(cifar) == 2 and all(any(n.startswith("no linear suite summary for cifar10") for n in t["notes"])
+                                   for t in cifar)
 
 
 # ----------------------------------------------------------------------------- formats and CLI

@@ -7,7 +7,8 @@ names (transfer/outcomes.py); nothing else is read. One table per task and proto
 test-set bootstrap CI, deltas to the baseline row with their paired CI and significance
 mark, mean ± std and a seed test for rows of several runs, and published rows only where the
 protocol matches theirs. A task run on several data sets under one protocol name also gets a
-suite summary (transfer/report_summary.py). How to read the tables: docs/report.md.
+suite summary per engine and headline metric (transfer/report_summary.py). How to read the
+tables: docs/report.md.
 
 Besides printing, it writes ``report.md`` (every table in GitHub format, with what was
 compared) and one PNG bar chart per table into ``--output``.
