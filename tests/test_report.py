@@ -254,6 +254,49 @@ def test_a_row_whose_outcome_files_are_missing_gets_a_note_not_an_error(tmp_path
     assert "no interval: its outcome file(s) detections.json are missing" in capsys.readouterr().out
 
 
+def _set_weights(path: Path, **changes) -> None:
+    r = json.loads(path.read_text())
+    r["weights"].update(changes)
+    path.write_text(json.dumps(r))
+
+
+def test_one_label_over_weights_of_different_methods_is_split(tmp_path):
+    """The tester's 'checkpoint_last | 3 runs of 2 pretrainings': every pretraining writes
+    checkpoint_last.pth, and the MoCo and supervised runs were averaged into one row."""
+    shutil.copytree(GOOD / "detect_voc", tmp_path / "v")
+    for sub, method, sha in (("moco_v1_s0", "moco_v1", "b"), ("moco_v1_s1", "moco_v1", "c"),
+                             ("supervised", "supervised", "5")):
+        _set_weights(tmp_path / "v" / sub / "results.json", label="checkpoint_last", method=method,
+                     arch="resnet18", sha256=sha * 64)
+    (t,) = [t for t in rp.build_tables(rp.load_results([tmp_path]), bootstrap=0) if t["kind"] == "results"]
+    labels = sorted(r["label"] for r in t["rows"] if r["kind"] == "ours")
+    assert labels == ["checkpoint_last [moco_v1, resnet18]", "checkpoint_last [supervised, resnet18]",
+                      "random init"]
+    assert row(t, "checkpoint_last [moco_v1, resnet18]")["runs"] == 2  # two pretraining seeds: one row
+    assert any(n.startswith("label 'checkpoint_last' names weights of 2 different methods") for n in t["notes"])
+    # the baseline is still found, and a label over one method stays as it is
+    assert "baseline: checkpoint_last [supervised, resnet18]" in t["notes"]
+    _set_weights(tmp_path / "v/supervised/results.json", label="supervised")
+    (t,) = [t for t in rp.build_tables(rp.load_results([tmp_path]), bootstrap=0) if t["kind"] == "results"]
+    assert {"checkpoint_last", "supervised"} <= {r["label"] for r in t["rows"]}
+
+
+def test_default_label_says_what_the_weights_are(tmp_path):
+    """No --label: the method and length from the checkpoint, else folder/stem, never the bare
+    stem every pretraining shares."""
+    from transfer.results import weights_record
+
+    (tmp_path / "run1").mkdir()
+    path = tmp_path / "run1" / "checkpoint_last.pth"
+    path.write_bytes(b"x")
+    assert weights_record(path, meta={"method": "moco_v2", "epoch": 200, "arch": "resnet50"})["label"] \
+        == "moco_v2 200ep"
+    rec = weights_record(path, meta={"method": "supervised", "epoch": 0, "step": 50, "arch": "resnet18"})
+    assert (rec["label"], rec["method"], rec["arch"]) == ("supervised 50 steps", "supervised", "resnet18")
+    assert weights_record(path, meta={"arch": "resnet18"})["label"] == "run1/checkpoint_last"
+    assert weights_record(path, "mine", meta={"method": "moco_v2"})["label"] == "mine"
+
+
 def test_rows_scored_on_other_images_are_not_paired(tmp_path):
     shutil.copytree(GOOD / "knn", tmp_path / "knn")
     folder = tmp_path / "knn/random"

@@ -67,15 +67,7 @@ def load_frozen_backbone(weights: str, arch: str | None = None, init_seed: int =
             raise UserError(f"weights file {weights} does not exist; pass a checkpoint path "
                             "(or --weights random --arch resnet50 for the random-init baseline)")
         bb = load_backbone(path, arch=arch, allow_pickle=allow_pickle)
-        meta = bb.meta or {}
-        if not label and meta.get("method"):
-            if meta.get("epoch"):
-                label = f"{meta['method']} {meta['epoch']}ep"
-            elif meta.get("step"):
-                label = f"{meta['method']} {meta['step']} steps"
-            else:
-                label = meta["method"]
-        record = weights_record(path, label, bb.layout)
+        record = weights_record(path, label, bb.layout, bb.meta)
         identity = f"sha256:{record['sha256']}"
     reference = {k: v.detach().clone() for k, v in bb.state_dict.items()}
     return FrozenBackbone(build_resnet(bb), bb.arch, dict(bb.meta or {}), record, reference,

@@ -152,9 +152,16 @@ def _significant(delta_ci, seed_p) -> bool | None:
 # ----------------------------------------------------------------------------- grouping
 
 def _rows(records) -> list[Row]:
+    """One row per label; a label whose ok runs are weights of different methods or archs (as
+    their results record them) is one row per method and arch instead, each named after it:
+    averaging those would be a number of no pretraining. Several seeds of one method stay one row."""
+    kinds = _kinds(records)
     rows = {}
     for r in records:
-        row = rows.setdefault(_label(r), Row(label=_label(r)))
+        label = _label(r)
+        if len(kinds.get(label, ())) > 1:
+            label = f"{label} [{_what(r)}]"
+        row = rows.setdefault(label, Row(label=label))
         (row.runs if r.get("status", "ok") == "ok" else row.not_ok).append(r)
     return sorted(rows.values(), key=lambda row: _rank(row.label))
 
@@ -162,6 +169,28 @@ def _rows(records) -> list[Row]:
 def _label(record) -> str:
     w = record["weights"]
     return str(w.get("label") or w.get("path") or "random init")
+
+
+def _what(record) -> str:
+    """The method and arch the weights record names (results written before they were
+    recorded name neither)."""
+    w = record["weights"]
+    return ", ".join(str(w[k]) for k in ("method", "arch") if w.get(k)) or "method not recorded"
+
+
+def _kinds(records) -> dict:
+    """{label: {method and arch of its ok runs}}."""
+    kinds = {}
+    for r in _ok(records):
+        kinds.setdefault(_label(r), set()).add(_what(r))
+    return kinds
+
+
+def _split_note(records) -> list[str]:
+    kinds = _kinds(records)
+    return [f"label {label!r} names weights of {len(k)} different methods or archs "
+            f"({'; '.join(sorted(k))}): one row each; give each pretraining its own --label"
+            for label, k in kinds.items() if len(k) > 1]
 
 
 def group_tables(records) -> list[list[dict]]:
@@ -210,15 +239,23 @@ def _metrics(task, rows) -> list[str]:
     return ordered or [m for m in known if not m.startswith("mask_")]
 
 
+def _supervised(row) -> bool:
+    """A label starting with "supervised" ("runs/supervised_r50": a default label is folder/stem,
+    transfer.results.default_label), or weights recorded as supervised pretraining."""
+    names = (row.label.casefold(), row.label.rsplit("/", 1)[-1].casefold())
+    return any(n.startswith("supervised") for n in names) \
+        or any(r["weights"].get("method") == "supervised" for r in row.runs)
+
+
 def _baseline(rows, wanted) -> tuple[Row | None, list[str]]:
     if wanted is not None:
         base = next((r for r in rows if r.label.casefold() == wanted.casefold()), None)
         why = f"no row labelled {wanted!r}"
     else:
-        supervised = [r for r in rows if r.label.casefold().startswith("supervised")]
+        supervised = [r for r in rows if _supervised(r)]
         # a missing supervised row gives way to one with results; if none has any, the note says why
         base = next((r for r in supervised if r.status == "ok"), supervised[0] if supervised else None)
-        why = "no row whose label starts with 'supervised'; pass --baseline LABEL"
+        why = "no row whose label starts with 'supervised' (nor supervised weights); pass --baseline LABEL"
     if base is None:
         return None, [f"no deltas: {why}"]
     if base.status != "ok":
@@ -341,7 +378,7 @@ def build_table(records, options: Options) -> dict:
         pbase = next((r for x, r in paper if x is a and r.label == a["baseline"]), None)
         out_rows.append({**_row_record(row, pbase, metrics, None, options.digits), "setting": a["id"]})
     notes = [_variance_note(rows, boot, options)] + notes + (boot.notes if boot else []) \
-        + _status_notes(rows) + _significance_note(out_rows) + paper_notes
+        + _split_note(records) + _status_notes(rows) + _significance_note(out_rows) + paper_notes
     dataset = _dataset(records)
     return {"kind": "results", "task": task, "dataset": dataset, "protocol": protocol,
             "protocol_id": protocol.get("id", ""),

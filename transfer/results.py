@@ -6,7 +6,8 @@ Schema (``DIR/results.json``, version 2)::
       "schema": "moco-bench.results/2",
       "task": "linear" | "knn" | "detect" | "segment" | ...,
       "dataset": {"name": str, "splits": {split name: number of images}, ...},
-      "weights": {"path": str, "sha256": str, "label": str, "layout": str},
+      "weights": {"path": str, "sha256": str, "label": str, "layout": str,
+                  "method": str | null, "arch": str | null},   # method/arch: from the checkpoint
       "engine": str,           # e.g. "sklearn", "torch", "detectron2", "torchvision", "mmseg"
       "protocol": {...},       # what was measured, and how: see protocol_record below
       "outcomes": {"kind": str, "files": [str]},   # per-example outcomes beside results.json
@@ -102,12 +103,33 @@ def canonical_metric(name: str) -> str:
     return ("mask_" if m[1] in ("segm", "mask") else "") + m[2]
 
 
-def weights_record(path, label: str | None = None, layout: str | None = None) -> dict:
-    """Describe the evaluated weights; `path` None means random initialisation."""
+def default_label(path, meta: dict | None = None) -> str:
+    """The row name of weights given no --label: what they are, from the checkpoint's own meta
+    ("moco_v2 200ep", "supervised 50 steps"), else the file's folder and stem
+    ("run3/model_final"): never the bare stem, which every pretraining shares
+    (checkpoint_last)."""
+    meta = meta or {}
+    method = meta.get("method")
+    if method:
+        if meta.get("epoch"):
+            return f"{method} {meta['epoch']}ep"
+        if meta.get("step"):
+            return f"{method} {meta['step']} steps"
+        return str(method)
+    path = Path(path)
+    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+
+
+def weights_record(path, label: str | None = None, layout: str | None = None,
+                   meta: dict | None = None) -> dict:
+    """Describe the evaluated weights; `path` None means random initialisation. `meta`: what
+    converters.load_backbone read about them (Backbone.meta); its method and arch are kept,
+    so that report never merges weights of different methods or archs into one row."""
     if path is None:
         return {"path": None, "sha256": None, "label": label or "random init", "layout": "random"}
-    return {"path": str(path), "sha256": sha256_file(path), "label": label or Path(path).stem,
-            "layout": layout}
+    meta = meta or {}
+    return {"path": str(path), "sha256": sha256_file(path), "label": label or default_label(path, meta),
+            "layout": layout, "method": meta.get("method"), "arch": meta.get("arch")}
 
 
 def _kind(value) -> str:

@@ -59,7 +59,8 @@ def parse_args(argv):
                    help="'pytorch' under torchrun (one process per GPU); 'none' = one process")
     p.add_argument("--data-root", default=None,
                    help="dataset root for train/val/test (overrides the config's data_root)")
-    p.add_argument("--label", default=None, help="name of the weights in reports (default: file stem)")
+    p.add_argument("--label", default=None, help="name of the weights in reports (default: method and "
+                   "epochs from the checkpoint, else folder/stem)")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning seed (mmengine randomness.seed)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="mmengine config overrides, e.g. train_cfg.max_iters=1000")
@@ -90,7 +91,7 @@ def load_weights(weights: str, arch: str | None, init_seed: int, label: str | No
         raise UserError(f"weights {weights} do not exist; pass a checkpoint file "
                         "(or --weights random --arch resnet50 for the random-init baseline)")
     bb = converters.load_backbone(weights, arch=arch)
-    return bb, weights_record(weights, label, bb.layout)
+    return bb, weights_record(weights, label, bb.layout, bb.meta)
 
 
 def mmseg_state_dict(path, prefix: str = PREFIX) -> dict:

@@ -71,7 +71,8 @@ def parse_args(argv):
                    help="let the checkpoint's pickled Python objects run (only for a file you trust)")
     p.add_argument("--output", required=True, help="output folder (results.json, logs, model)")
     p.add_argument("--engine", choices=["auto", "detectron2", "torchvision"], default="auto")
-    p.add_argument("--label", default=None, help="name of the weights in tables (default: file stem)")
+    p.add_argument("--label", default=None, help="name of the weights in tables (default: method and "
+                   "epochs from the checkpoint, else folder/stem)")
     p.add_argument("--num-gpus", type=int, default=1, help="GPUs per machine (Detectron2 launch)")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)

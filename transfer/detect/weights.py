@@ -33,7 +33,7 @@ def load_weights(weights: str, arch: str | None, allow_pickle: bool, label: str 
         bb = random_backbone(arch, seed)
         return bb, weights_record(None, label or f"random init ({arch}, seed {seed})")
     bb = load_backbone(weights, arch=arch, allow_pickle=allow_pickle)
-    return bb, weights_record(weights, label, bb.layout)
+    return bb, weights_record(weights, label, bb.layout, bb.meta)
 
 
 def check_weights_match(bb, cfg: dict) -> None:
