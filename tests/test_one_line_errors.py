@@ -143,6 +143,31 @@ def _cut(tmp) -> str:
     return str(tmp / "cut.pth")
 
 
+def _bit_flipped(tmp) -> str:
+    """A pretrain checkpoint (stamped as pretrain stamps it) with one bit of a tensor flipped."""
+    import torch
+    import torchvision
+
+    from mocobench.fileio import PRETRAIN_CHECKPOINT_FORMAT, tensor_digest
+
+    sd = {f"encoder_q.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}
+    ckpt = {"format": PRETRAIN_CHECKPOINT_FORMAT, "method": "moco_v2", "backbone_prefix": "encoder_q.",
+            "state_dict": sd}
+    ckpt["checksum"] = tensor_digest(ckpt)
+    sd["encoder_q.conv1.weight"].view(-1).view(torch.uint8)[3] ^= 4
+    torch.save(ckpt, tmp / "flip.pth")
+    return str(tmp / "flip.pth")
+
+
+def _two_backbones(tmp) -> str:
+    import torch
+    import torchvision
+
+    torch.save({"model": torchvision.models.resnet18().state_dict(),
+                "state_dict": torchvision.models.resnet18().state_dict()}, tmp / "two.pth")
+    return str(tmp / "two.pth")
+
+
 def _regular_file(tmp) -> Path:
     (tmp / "a file").write_text("x")
     return tmp / "a file"
@@ -193,6 +218,12 @@ CASES = [
      r"evil\.pth would run code when loaded: its pickle calls posix\.system; nothing was run"),
     ("convert: truncated checkpoint", "converters", lambda tmp: ["torchvision", _cut(tmp), str(tmp / "o.pth")],
      r"cut\.pth is truncated or corrupt \(.*\); re-download or re-save it"),
+    ("convert: a pretrain checkpoint with a flipped bit", "converters",
+     lambda tmp: ["torchvision", _bit_flipped(tmp), str(tmp / "o.pth")],
+     r"flip\.pth is corrupt: checksum mismatch; re-copy the file"),
+    ("convert: two different backbones in one file", "converters",
+     lambda tmp: ["torchvision", _two_backbones(tmp), str(tmp / "o.pth")],
+     r"two\.pth holds two different backbones, 'state_dict' \(unprefixed keys\) and 'model' .* save only"),
     # ---- transfer linear / knn / suite ----
     # ---- transfer detect ---- (helpers at the end of the file)
     ("detect output inside a file", "transfer.detect",
