@@ -76,6 +76,11 @@ def _report_read_only_output(tmp):
     return [str(ROOT / "tests/fixtures/results/good/knn"), "--output", str(out)]
 
 
+def _written(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
 def _pretrain(*overrides):
     return lambda tmp: ["--config", PRETRAIN_DEMO, "--output", str(tmp / "out"), *overrides]
 
@@ -166,6 +171,11 @@ CASES = [
     ("amp fp8", "pretrain", _pretrain("train.amp=fp8"), r"train.amp='fp8'.*one of none, bf16, fp16"),
     ("fp16 on CPU", "pretrain", _pretrain("train.amp=fp16"), r"train.amp=fp16 needs a GPU"),
     ("schedule linear", "pretrain", _pretrain("train.schedule=linear"), r"train.schedule='linear'.*one of cos, step"),
+    ("resume from a folder", "pretrain", lambda tmp: [*_pretrain()(tmp), "--resume", str(tmp)],
+     r"is a folder; --resume takes a checkpoint file"),
+    ("resume from a .pkl", "pretrain",
+     lambda tmp: [*_pretrain()(tmp), "--resume", str(_written(tmp / "w.pkl", b"\x80\x04}q\x00."))],
+     r"w.pkl is not a pretrain checkpoint \(not a file written by torch.save"),
     ("momentum 1", "pretrain", _pretrain("moco.momentum=1"), r"moco.momentum=1.0 is not allowed: it must be less than 1"),
     ("temperature 0", "pretrain", _pretrain("moco.temperature=0"), r"moco.temperature=0.0 is not allowed"),
     ("dictionary bank", "pretrain", _pretrain("moco.dictionary=bank"), r"moco.dictionary='bank'.*queue, end_to_end, memory_bank"),
