@@ -2,18 +2,12 @@
 data.max_unreadable, then stop the run in one line; a data loader worker that dies is
 reported in one line naming the worker and its sample, not as a hang or a traceback."""
 import re
-import sys
 from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "faults"))
-from test_pretrain import _one_line_error, run_pretrain  # noqa: E402
-from test_pretrain_faults import run_with_fault  # noqa: E402
-
-from mocobench.data import fashion_mnist  # noqa: E402
+from helpers import one_line_error, run_pretrain, run_with_fault
+from mocobench.data import fashion_mnist
 
 
 def image_folder(root: Path, per_class: int = 20) -> Path:
@@ -46,11 +40,11 @@ def test_more_unreadable_images_than_the_limit_stop_the_run_in_one_line(tmp_path
     data = image_folder(tmp_path / "data")
     run = run_pretrain(tmp_path / "out", f"data.source={data}", "data.max_unreadable=0",
                        "data.num_workers=2")
-    _one_line_error(run, "more than the limit of 0 (data.max_unreadable)")
+    one_line_error(run, "more than the limit of 0 (data.max_unreadable)")
     assert "zz_" in run.stderr
 
 
 def test_a_dead_loader_worker_is_one_line_naming_worker_and_sample(tmp_path):
     run = run_with_fault(tmp_path, "kill_worker:5", "data.num_workers=2")
-    _one_line_error(run, "while loading sample")
+    one_line_error(run, "while loading sample")
     assert re.search(r"data loader worker died \(.*\): worker \d \(pid \d+\)", run.stderr), run.stderr
