@@ -35,26 +35,49 @@ def mean_per_class(pred: np.ndarray, labels: np.ndarray) -> float:
     return 100.0 * float(np.mean(per_class))
 
 
-def voc07_ap(scores: np.ndarray, labels: np.ndarray) -> float:
-    """11-point AP of one class: `labels` 1 / 0 / -1 (ignored), `scores` its decision values.
-    Tied scores count as one threshold, as in precision_recall_curve."""
+def precision_recall(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Precision and recall at each distinct score, best first, of one class: `labels`
+    1 / 0 / -1 (ignored); tied scores count as one threshold. None without positives."""
     keep = labels != -1
     s, y = np.asarray(scores, dtype=np.float64)[keep], (labels[keep] == 1)
     if y.sum() == 0:
-        return float("nan")  # undefined: no positive test image of this class
+        return None  # undefined: no positive test image of this class
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
     last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # last index of each tie group
-    tp = np.cumsum(y)[last]
-    fp = np.cumsum(~y)[last]
-    precision, recall = tp / (tp + fp), tp / y.sum()
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    return tp / (tp + fp), tp / y.sum()
+
+
+def voc07_ap(scores: np.ndarray, labels: np.ndarray) -> float:
+    """VOC07 11-point AP of one class (the mean over t = 0, 0.1, ..., 1 of the best
+    precision at recall >= t); NaN when the class has no positive image."""
+    pr = precision_recall(scores, labels)
+    if pr is None:
+        return float("nan")
+    precision, recall = pr
     return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
                           for t in np.linspace(0, 1, 11)]))
 
 
+def area_ap(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The area under the precision envelope (VOC 2010+; what Goyal et al.'s
+    svm_helper.calculate_ap reports for the VOC07 SVM benchmark)."""
+    pr = precision_recall(scores, labels)
+    if pr is None:
+        return float("nan")
+    precision, recall = pr
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * envelope))
+
+
 def mean_ap(scores: np.ndarray, labels: np.ndarray) -> float:
-    aps = [voc07_ap(scores[:, c], labels[:, c]) for c in range(labels.shape[1])]
-    return 100.0 * float(np.nanmean(aps))
+    """mAP (%): 11-point AP averaged over the classes that have a positive image."""
+    return 100.0 * float(np.nanmean([voc07_ap(scores[:, c], labels[:, c]) for c in range(labels.shape[1])]))
+
+
+def mean_area_ap(scores: np.ndarray, labels: np.ndarray) -> float:
+    return 100.0 * float(np.nanmean([area_ap(scores[:, c], labels[:, c]) for c in range(labels.shape[1])]))
 
 
 def metrics_from_topk(top: np.ndarray, labels: np.ndarray, headline: str, num_classes: int,
