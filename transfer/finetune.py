@@ -163,6 +163,7 @@ def _resume(run, model, optimizer) -> tuple[int, int, list]:
                         "--output folder, delete it, or pass finetune.resume=false")
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng"])  # the augmentation draws continue as if never stopped
     run.log(f"resumed from {path} at epoch {ck['epoch']} (step {ck['step']})")
     return ck["epoch"], ck["step"], ck["history"]
 
@@ -239,8 +240,8 @@ def train(run: frozen.Run, fit: ImageDataset) -> tuple[nn.Module, DataLoader]:
         run.log(f"epoch {epoch}: step {step}/{total}, train loss {loss:.4f}")
         if dist.is_main_process():
             atomic_torch_save({"epoch": epoch, "step": step, "run": _run_id(run), "history": history,
-                               "model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                              run.output / CHECKPOINT)
+                               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "rng": torch.get_rng_state()}, run.output / CHECKPOINT)
     run.derived.update(steps=total, per_process_batch=per_rank, history=history)
     return model, test_loader
 
