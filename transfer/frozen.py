@@ -138,7 +138,7 @@ def start(task: str, cfg, weights: str, output, label: str | None = None, allow_
           device_choice: str = "auto") -> Run:
     """Everything before the task's own work; fills cfg.data's preprocessing fields and
     cfg.model.arch with the values used, so that results.json records them."""
-    log = logger(task)
+    t0, log = time.time(), logger(task)
     device = resolve_device(device_choice)
     prepare(output, task)
     torch.manual_seed(cfg.seed)
@@ -150,7 +150,7 @@ def start(task: str, cfg, weights: str, output, label: str | None = None, allow_
     d.image_size, d.resize_size, d.mean, d.std = pre.image_size, pre.resize_size, pre.mean, pre.std
     splits = load_splits(d)
     run = Run(task, cfg, Path(output), device, backbone, pre, splits,
-              headline_metric(d.source, splits), log)
+              headline_metric(d.source, splits), log, t0)
     sizes = " / ".join(f"{len(ds)} {s}" for s, ds in splits.items())
     log(f"{backbone.record['label']} [{backbone.arch}] on {splits['train'].name}: {sizes} images, "
         f"{len(splits['train'].classes)} classes, metric {run.headline}; crop {pre.image_size}, "
