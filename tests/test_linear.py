@@ -368,3 +368,25 @@ def test_protocol_benchmark_runs_side_by_side(tmp_path):
     assert saved["speedup_fast_cold"] == summary["rows"][0]["paper_time_over_this"]
     assert saved["scale"]["max_train_images"] == 96 and saved["paper_epochs"] == 1
     assert 0 <= saved["top1_paper_sgd_on_eval_features"] <= 100
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_and_an_old_result_never_passes_for_new(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from mocobench.fileio import prepare_output; "
+         "prepare_output(sys.argv[1], 'test'); print('locked', flush=True); time.sleep(60)",
+         str(tmp_path / "busy")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = config(tmp_path / "cache", "model.arch=resnet18")
+        with pytest.raises(UserError, match=rf"in use by pid {holder.pid} .*two runs must not write one folder"):
+            run("knn", cfg, "random", tmp_path / "busy")
+    finally:
+        holder.kill()
+        holder.wait()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text('{"an": "earlier run"}')
+    cfg = config(tmp_path / "cache", "model.arch=resnet18", f"data.source={tmp_path / 'nowhere'}")
+    with pytest.raises(UserError, match="neither a registered data set"):
+        run("knn", cfg, "random", tmp_path / "old")  # fails after the folder was prepared
+    assert not (tmp_path / "old" / "results.json").exists()
+    assert (tmp_path / "old" / "results.previous.json").read_text() == '{"an": "earlier run"}'
