@@ -129,7 +129,8 @@ def test_batched_svms_solve_what_linear_svc_solves():
         def objective(wv, bv):
             hinge = np.clip(1 - targets[:, p] * (x @ wv + bv), 0, None)
             return 0.5 * (wv @ wv + bv * bv) + cost[p] * (weight[:, p] * hinge ** 2).sum()
-        ours, theirs = objective(w[:, p].double().numpy(), float(b[p])), objective(clf.coef_[0], clf.intercept_[0])
+        ours = objective(w[:, p].double().numpy(), float(b[p]))
+        theirs = objective(clf.coef_[0], clf.intercept_[0])
         assert ours <= theirs * 1.005, (p, ours, theirs)
         agree = (np.sign(decision[:, p].numpy()) == np.sign(clf.decision_function(x))).mean()
         assert agree > 0.995, (p, agree)
@@ -229,7 +230,8 @@ def test_fewshot_episode_draws_are_seeded_with_disjoint_support_and_queries():
     assert all(np.array_equal(a, b) for a, b in zip(one, two))
     classes, support, query = one
     assert len(set(classes)) == 5 and not set(support.ravel()) & set(query.ravel())
-    assert all((labels[support[i]] == c).all() and (labels[query[i]] == c).all() for i, c in enumerate(classes))
+    for i, c in enumerate(classes):
+        assert (labels[support[i]] == c).all() and (labels[query[i]] == c).all()
 
 
 def test_svm_records_its_protocol_and_chosen_costs(suite):
@@ -378,8 +380,10 @@ def test_the_svm_cost_benchmark_times_both_sides_in_one_run(tmp_path):
     main(["--scales", "tiny", "--output", str(tmp_path), "--sklearn-fits", "2", "--l2-values", "2",
           "--logreg-iter", "20", "--lowshot-k", "2"])
     saved = json.loads((tmp_path / "svm_cost.json").read_text())
-    assert [r["run"] for r in saved["rows"]] == ["svm cross-validation", "lowshot draw", "logreg l2 selection"]
+    assert [r["run"] for r in saved["rows"]] == ["svm cross-validation", "lowshot draw",
+                                                 "logreg l2 selection"]
     for r in saved["rows"]:
         assert r["ours_s"] > 0 and r["sklearn_s"] > 0
         assert r["sklearn_over_ours"] == round(r["sklearn_s"] / r["ours_s"], 2)
-    assert saved["rows"][0]["problems"] == 4 * 26 * 3 and "of 104 (class, cost) pairs" in saved["rows"][0]["sklearn_timed"]
+    assert saved["rows"][0]["problems"] == 4 * 26 * 3
+    assert "of 104 (class, cost) pairs" in saved["rows"][0]["sklearn_timed"]

@@ -20,7 +20,6 @@ import torch
 
 import transfer.features as features_mod
 from mocobench.config import load_config
-from mocobench.data import build_dataset
 from mocobench.errors import UserError
 from mocobench.fileio import sha256_file
 from mocobench.knn import topk_accuracy
@@ -177,7 +176,8 @@ def test_an_unwritable_feature_cache_warns_and_the_run_still_writes_its_result(
     assert out["derived"]["feature_cache"] == {"train": "unwritable", "val": "unwritable",
                                                "test": "unwritable"}
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if "feature cache" in ln]
-    assert len(warnings) == 3 and all(w.startswith("warning: cannot write the feature cache") for w in warnings)
+    assert len(warnings) == 3
+    assert all(w.startswith("warning: cannot write the feature cache") for w in warnings)
 
 
 def test_torch_solver_agrees_with_sklearn(runs):
@@ -378,7 +378,8 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_an_old_result_never_pass
     try:
         assert holder.stdout.readline().strip() == "locked"
         cfg = config(tmp_path / "cache", "model.arch=resnet18")
-        with pytest.raises(UserError, match=rf"in use by pid {holder.pid} .*two runs must not write one folder"):
+        busy = rf"in use by pid {holder.pid} .*two runs must not write one folder"
+        with pytest.raises(UserError, match=busy):
             run("knn", cfg, "random", tmp_path / "busy")
     finally:
         holder.kill()

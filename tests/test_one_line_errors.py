@@ -67,7 +67,8 @@ CASES = [
     # ---- pretrain ----
     # ---- converters ----
     # ---- transfer linear / knn / suite ----
-    ("linear output inside a file", "transfer.linear", lambda tmp: _random_run(tmp, output=_file(tmp) / "out"),
+    ("linear output inside a file", "transfer.linear",
+     lambda tmp: _random_run(tmp, output=_file(tmp) / "out"),
      r"is a file, not a folder; choose another output folder"),
     ("knn unknown data", "transfer.knn", lambda tmp: _random_run(tmp, "--data", str(tmp / "nowhere")),
      r"is neither a registered data set \(fashion-mnist, cifar10, .*\) nor an existing folder"),

@@ -15,7 +15,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from mocobench import dist
 from mocobench.config import setting, to_dict
@@ -129,18 +128,9 @@ def _fewshot(run: frozen.Run) -> dict:
 
 def run(task: str, cfg: FewshotConfig, weights: str, output, label: str | None = None,
         allow_pickle: bool = False) -> dict:
-    r = frozen.start(task, cfg, weights, output, label, allow_pickle, cfg.device)
-    result = _fewshot(r)
-    path = frozen.finish(r, config=to_dict(cfg), **result) if dist.is_main_process() else None
-    dist.barrier()
-    return {"metrics": result.get("metrics", {}), "derived": r.derived, "path": path}
+    return frozen.run_task(task, cfg, weights, output, label, allow_pickle, _fewshot, to_dict)
 
 
 @cli
 def main_fewshot(argv=None) -> dict:
-    args = frozen.parser("fewshot", "N-way K-shot episodes on frozen features").parse_args(argv)
-    cfg = frozen.load_cli_config(FewshotConfig, args)
-    try:
-        return run("fewshot", cfg, args.weights, args.output, args.label, args.allow_pickle)
-    finally:
-        dist.destroy()
+    return frozen.main("fewshot", "N-way K-shot episodes on frozen features", FewshotConfig, run, argv)

@@ -272,7 +272,8 @@ def _finetune(run: frozen.Run) -> dict:
     schedule = {k: v for k, v in asdict(s).items() if k != "resume"}
     schedule.update(fit_on="train + val" + (" (labelled subset)" if how else ""), subset=how,
                     processes=dist.get_world_size(), bn="trained" + (", synchronised" if s.sync_bn else ""))
-    return {"metrics": cls_metrics.classification_metrics(scores, labels.numpy(), run.headline), "engine": "torch", "name": "semisup" if how else "finetune",
+    return {"metrics": cls_metrics.classification_metrics(scores, labels.numpy(), run.headline),
+            "engine": "torch", "name": "semisup" if how else "finetune",
             "schedule": schedule,
             "metric": frozen.metric_definition(run.headline, run.headline, "fine-tuned backbone + fc"),
             "outcomes": frozen.save_outcomes(run, labels.numpy(), scores=scores.numpy()),
@@ -282,19 +283,10 @@ def _finetune(run: frozen.Run) -> dict:
 
 def run(task: str, cfg: FinetuneConfig, weights: str, output, label: str | None = None,
         allow_pickle: bool = False) -> dict:
-    r = frozen.start(task, cfg, weights, output, label, allow_pickle, cfg.device)
-    result = _finetune(r)
-    path = frozen.finish(r, config=to_dict(cfg), **result) if dist.is_main_process() else None
-    dist.barrier()
-    return {"metrics": result.get("metrics", {}), "derived": r.derived, "path": path}
+    return frozen.run_task(task, cfg, weights, output, label, allow_pickle, _finetune, to_dict)
 
 
 @cli
 def main_finetune(argv=None) -> dict:
-    args = frozen.parser("finetune", "Full fine-tuning (and semi-supervised 1% / 10% subsets)"
-                         ).parse_args(argv)
-    cfg = frozen.load_cli_config(FinetuneConfig, args)
-    try:
-        return run("finetune", cfg, args.weights, args.output, args.label, args.allow_pickle)
-    finally:
-        dist.destroy()
+    return frozen.main("finetune", "Full fine-tuning (and semi-supervised 1% / 10% subsets)",
+                       FinetuneConfig, run, argv)

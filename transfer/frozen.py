@@ -238,6 +238,18 @@ def finish(run: Run, *, metrics: dict, engine: str, name: str, metric: dict, sch
     return path
 
 
+def run_task(task: str, cfg, weights: str, output, label: str | None, allow_pickle: bool,
+             body: Callable[[Run], dict], config: Callable[[Any], dict]) -> dict:
+    """start(), the task's `body` (returns finish()'s keyword arguments on rank 0, {} on the
+    others), finish() with the config record `config(cfg)`. Returns {"metrics", "derived",
+    "path": results.json or None on ranks other than 0}."""
+    run = start(task, cfg, weights, output, label, allow_pickle, cfg.device)
+    result = body(run)
+    path = finish(run, config=config(cfg), **result) if dist.is_main_process() else None
+    dist.barrier()
+    return {"metrics": result.get("metrics", {}), "derived": run.derived, "path": path}
+
+
 # ----------------------------------------------------------------------------- command line
 
 def parser(task: str, description: str) -> argparse.ArgumentParser:
@@ -259,6 +271,22 @@ def parser(task: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. data.max_train_images=2000")
     return p
+
+
+def main(task: str, description: str, config_cls, run: Callable, argv, extra=None) -> dict:
+    """The command line of a task: parse (`extra(parser)` adds the task's own flags and
+    returns a function applying them to the config), load the config, `run(task, cfg,
+    weights, output, label, allow_pickle)`, always leave the process group."""
+    p = parser(task, description)
+    apply = extra(p) if extra else None
+    args = p.parse_args(argv)
+    cfg = load_cli_config(config_cls, args)
+    if apply:
+        apply(cfg, args)
+    try:
+        return run(task, cfg, args.weights, args.output, args.label, args.allow_pickle)
+    finally:
+        dist.destroy()
 
 
 def load_cli_config(config_cls, args):

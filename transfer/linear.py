@@ -169,41 +169,28 @@ def run(task: str, cfg: LinearConfig, weights: str, output, label: str | None = 
     """Evaluate `weights` with `task` ("linear" or "knn"); write output/results.json.
 
     Returns {"metrics": ..., "derived": ..., "path": results.json or None (non-main ranks)}."""
-    r = frozen.start(task, cfg, weights, output, label, allow_pickle, cfg.device)
-    what = "knn" if task == "knn" else f"{cfg.protocol} protocol"
-    r.log(f"{what} on {r.splits['train'].name}")
-    result = {"knn": _knn, "fast": _fast, "paper": _paper}[
-        "knn" if task == "knn" else cfg.protocol](r)
-    path = None
-    if dist.is_main_process():
-        path = frozen.finish(r, config=_config_record(cfg, task), **result)
-    dist.barrier()
-    return {"metrics": result.get("metrics", {}), "derived": r.derived, "path": path}
+    body = {"knn": _knn, "fast": _fast, "paper": _paper}["knn" if task == "knn" else cfg.protocol]
+    return frozen.run_task(task, cfg, weights, output, label, allow_pickle, body,
+                           lambda c: _config_record(c, task))
 
 
-def _main(task: str, argv) -> dict:
-    p = frozen.parser(task, "Linear probe of a frozen backbone" if task == "linear"
-                      else "Weighted kNN (cosine) on frozen features")
-    if task == "linear":
-        p.add_argument("--protocol", choices=PROTOCOLS, help="sets protocol (default: fast)")
-    args = p.parse_args(argv)
-    cfg = frozen.load_cli_config(LinearConfig, args)
-    if task == "linear" and args.protocol:
-        cfg.protocol = args.protocol
-    try:
-        return run(task, cfg, args.weights, args.output, args.label, args.allow_pickle)
-    finally:
-        dist.destroy()
+def _protocol_flag(p):
+    p.add_argument("--protocol", choices=PROTOCOLS, help="sets protocol (default: fast)")
+
+    def apply(cfg, args):
+        cfg.protocol = args.protocol or cfg.protocol
+    return apply
 
 
 @cli
 def main_linear(argv=None) -> dict:
-    return _main("linear", argv)
+    return frozen.main("linear", "Linear probe of a frozen backbone", LinearConfig, run, argv,
+                       _protocol_flag)
 
 
 @cli
 def main_knn(argv=None) -> dict:
-    return _main("knn", argv)
+    return frozen.main("knn", "Weighted kNN (cosine) on frozen features", LinearConfig, run, argv)
 
 
 def main(argv=None) -> dict:
