@@ -18,12 +18,12 @@ Rows, per scale:
                         warm-started along the grid) vs LogisticRegression(lbfgs) per value
 scikit-learn's loop is timed on --sklearn-fits of its fits spread over the costs (strengths) and
 extrapolated linearly to all of them (its fits are independent: the loop costs their sum; one
-fit at 100k for the logistic regression); the JSON says how many were timed. Our side always runs
-in full. The 100k cross-validation row is left out unless --with-100k-cv (scikit-learn needs hours
+fit at 100k for the logistic regression); the JSON says how many were timed. Wall and CPU
+seconds are both recorded (scikit-learn runs with one BLAS thread, as the suite runs it; ours
+with torch's threads). Our side always runs in full. The 100k cross-validation row is left out unless --with-100k-cv (scikit-learn needs hours
 there on 2 cores). Prints a table and writes OUTPUT/svm_cost.json.
 """
 import argparse
-import json
 import os
 import platform
 import time
@@ -60,9 +60,20 @@ def synthetic(n: int, classes: int, multilabel: bool, seed: int) -> tuple[torch.
 
 
 def _timed(fn):
+    """(fn(), wall seconds, CPU seconds of this process): CPU seconds next to wall seconds
+    because other jobs on a shared machine inflate the latter unevenly."""
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+def _row(ours: tuple, sklearn: list, total: int, timed: str, problems: int, **more) -> dict:
+    """ours: (wall, cpu) of our full run; sklearn: (wall, cpu) per timed fit, extrapolated
+    to `total` fits."""
+    wall, cpu = (float(np.mean([t[i] for t in sklearn])) * total for i in (0, 1))
+    return {"ours_s": ours[0], "ours_cpu_s": ours[1], "sklearn_s": wall, "sklearn_cpu_s": cpu,
+            "sklearn_timed": timed, "problems": problems,
+            "cpu_ratio": round(cpu / max(ours[1], 1e-9), 2), **more}
 
 
 def _sample_pairs(classes: int, values: list, budget: int) -> list[tuple[int, int]]:
@@ -83,7 +94,7 @@ def svm_cross_validation(x, targets, costs, budget: int) -> dict:
 
     s = svm.SvmSettings(costs=list(costs))
     xs = svm.normalise(x)
-    _, ours, ours_cpu = _timed(lambda: svm._cross_validate(xs, targets, s, "cpu", lambda m: None))
+    _, *ours = _timed(lambda: svm._cross_validate(xs, targets, s, "cpu", lambda m: None))
     xn, per_pair = xs.numpy(), []
     for c, j in _sample_pairs(targets.shape[1], costs, budget):
         y = np.where(targets[:, c] == 1, 1, -1)
@@ -93,11 +104,10 @@ def svm_cross_validation(x, targets, costs, budget: int) -> dict:
                 warnings.simplefilter("ignore")
                 cross_val_score(_linear_svc(costs[j]), xn, y, cv=3, scoring="average_precision")
                 _linear_svc(costs[j]).fit(xn, y)
-        per_pair.append(_timed(loop)[1])
+        per_pair.append(_timed(loop)[1:])
     pairs = targets.shape[1] * len(costs)
-    return {"ours_s": ours, "ours_cpu_s": ours_cpu, "sklearn_s": float(np.mean(per_pair)) * pairs,
-            "sklearn_timed": f"{len(per_pair)} of {pairs} (class, cost) pairs x 4 fits",
-            "problems": pairs * 3}
+    return _row(ours, per_pair, pairs, f"{len(per_pair)} of {pairs} (class, cost) pairs x 4 fits",
+                pairs * 3)
 
 
 def lowshot_draw(x, targets, test: tuple, costs, k: int, multilabel: bool, budget: int) -> dict:
@@ -107,7 +117,7 @@ def lowshot_draw(x, targets, test: tuple, costs, k: int, multilabel: bool, budge
     xs, xt = svm.normalise(x), svm.normalise(test[0])
     val = {"labels": test[1], "targets": svm.class_targets(torch.from_numpy(test[1]), targets.shape[1])}
     quiet = _Quiet(headline="mAP" if multilabel else "top1")
-    _, ours, ours_cpu = _timed(lambda: svm._lowshot_once(quiet, xs, targets, rows, xt, val, xt, s))
+    _, *ours = _timed(lambda: svm._lowshot_once(quiet, xs, targets, rows, xt, val, xt, s))
     xn, per_pair = xs.numpy(), []
     for c, j in _sample_pairs(targets.shape[1], costs, budget):
         used = rows[:, c] == 1
@@ -117,11 +127,10 @@ def lowshot_draw(x, targets, test: tuple, costs, k: int, multilabel: bool, budge
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 _linear_svc(costs[j]).fit(xn[used], y)
-        per_pair.append(_timed(fit)[1])
+        per_pair.append(_timed(fit)[1:])
     pairs = targets.shape[1] * len(costs)
-    return {"ours_s": ours, "ours_cpu_s": ours_cpu, "sklearn_s": float(np.mean(per_pair)) * pairs,
-            "sklearn_timed": f"{len(per_pair)} of {pairs} (class, cost) fits",
-            "problems": pairs, "rows": int(rows.any(1).sum())}
+    return _row(ours, per_pair, pairs, f"{len(per_pair)} of {pairs} (class, cost) fits", pairs,
+                rows=int(rows.any(1).sum()))
 
 
 class _Quiet:
@@ -138,16 +147,15 @@ def logreg_selection(x, labels, values: int, budget: int, max_iter: int) -> dict
     n_val = len(x) // 5
     grid = list(np.logspace(-6, 0, values))
     score = lambda s, t: float((s.argmax(1) == t).float().mean())  # noqa: E731
-    _, ours, ours_cpu = _timed(lambda: logreg.select_l2(
+    _, *ours = _timed(lambda: logreg.select_l2(
         x[n_val:], y[n_val:], x[:n_val], y[:n_val], int(y.max()) + 1, grid, "torch", score,
         max_iter=max_iter, log=lambda m: None))
     std = logreg.Standardizer(x[n_val:])
     z, per_value = std(x[n_val:]).double().numpy(), []
     for _, j in _sample_pairs(1, grid, budget):
         clf = LogisticRegression(C=1.0 / (grid[j] * len(z)), max_iter=max_iter)
-        per_value.append(_timed(lambda: logreg._sklearn_fit(clf, z, y[n_val:].numpy()))[1])
-    return {"ours_s": ours, "ours_cpu_s": ours_cpu, "sklearn_s": float(np.mean(per_value)) * len(grid),
-            "sklearn_timed": f"{len(per_value)} of {len(grid)} strengths", "problems": len(grid)}
+        per_value.append(_timed(lambda: logreg._sklearn_fit(clf, z, y[n_val:].numpy()))[1:])
+    return _row(ours, per_value, len(grid), f"{len(per_value)} of {len(grid)} strengths", len(grid))
 
 
 def measure(scale: str, args) -> list[dict]:
@@ -157,7 +165,8 @@ def measure(scale: str, args) -> list[dict]:
     targets = svm.class_targets(torch.from_numpy(labels), spec["classes"])
     costs = svm.ANCHOR_COSTS if scale != "100k" else [float(c) for c in args.costs_100k.split(",")]
     rows = []
-    for name, fn in [("svm cross-validation", lambda: svm_cross_validation(x, targets, costs, args.sklearn_fits)),
+    for name, fn in [("svm cross-validation",
+                      lambda: svm_cross_validation(x, targets, costs, args.sklearn_fits)),
                      ("lowshot draw", lambda: lowshot_draw(x, targets, test, svm.ANCHOR_COSTS, args.lowshot_k,
                                                            spec["multilabel"], args.sklearn_fits)),
                      ("logreg l2 selection", lambda: logreg_selection(
@@ -169,7 +178,8 @@ def measure(scale: str, args) -> list[dict]:
         r.update(scale=scale, run=name, images=spec["train"], dim=DIM, classes=spec["classes"],
                  sklearn_over_ours=round(r["sklearn_s"] / r["ours_s"], 2))
         print(f"{scale} {name}: ours {r['ours_s']:.1f} s, scikit-learn {r['sklearn_s']:.1f} s "
-              f"({r['sklearn_timed']}), ratio {r['sklearn_over_ours']}", flush=True)
+              f"({r['sklearn_timed']}), ratio {r['sklearn_over_ours']} (CPU seconds: "
+              f"{r['cpu_ratio']})", flush=True)
         rows.append(r)
     return rows
 
@@ -188,7 +198,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     rows = [r for scale in args.scales.split(",") for r in measure(scale, args)]
     print(tabulate([{k: r[k] for k in ("scale", "run", "images", "problems", "ours_s", "sklearn_s",
-                                        "sklearn_over_ours", "sklearn_timed")} for r in rows],
+                                        "sklearn_over_ours", "cpu_ratio", "sklearn_timed")} for r in rows],
                    headers="keys", floatfmt=".1f"))
     record = {"rows": rows, "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                         "platform": platform.platform(), "loadavg": os.getloadavg()},

@@ -195,16 +195,30 @@ def draw_lowshot(targets: np.ndarray, k: int, rng: np.random.Generator, multilab
     return rows
 
 
+def _fit_draw(x, targets, rows, s: SvmSettings, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (d, C, costs), b (C, costs)) of every class x cost on one draw. Only the drawn rows
+    enter the solver: once for all classes when they share them (k images per class), else
+    class by class (VOC07: each class has its own k positives and 19 k negatives)."""
+    classes, costs = targets.shape[1], torch.tensor(s.costs, dtype=torch.float64)
+    shared = bool((rows == rows[:, :1]).all())
+    groups = [list(range(classes))] if shared else [[c] for c in range(classes)]
+    w = torch.zeros(x.shape[1], classes, len(costs))
+    b = torch.zeros(classes, len(costs))
+    for group in groups:
+        used = np.flatnonzero(rows[:, group].any(1))
+        cols = np.repeat(group, len(costs))  # problem (c, j): class c, cost j
+        y, weight = _problems(targets[used][:, cols], rows[used][:, cols], s)
+        wg, bg, _ = fit_svms(x[used], y, weight, costs.repeat(len(group)), device=device,
+                             intercept_scaling=s.intercept_scaling, tol=s.tol, max_iter=s.max_iter)
+        w[:, group] = wg.view(-1, len(group), len(costs))
+        b[group] = bg.view(len(group), len(costs))
+    return w, b
+
+
 def _lowshot_once(run, x, targets, rows, xval, val, xte, s: SvmSettings) -> dict:
     """Fit every class x cost on one draw, choose the cost on val, score test with it."""
-    used = np.flatnonzero(rows.any(1))  # only the drawn rows enter the solver
-    classes, costs = targets.shape[1], np.asarray(s.costs)
-    cls_idx, cost_idx = (a.ravel() for a in np.meshgrid(np.arange(classes), np.arange(len(costs)),
-                                                         indexing="ij"))
-    y, weight = _problems(targets[used][:, cls_idx], rows[used][:, cls_idx], s)
-    w, b, _ = fit_svms(x[used], y, weight, torch.from_numpy(costs[cost_idx]), device=run.device,
-                       intercept_scaling=s.intercept_scaling, tol=s.tol, max_iter=s.max_iter)
-    w, b = w.view(-1, classes, len(costs)), b.view(classes, len(costs))
+    costs = np.asarray(s.costs)
+    w, b = _fit_draw(x, targets, rows, s, run.device)
     val_scores = torch.einsum("nd,dcj->jnc", xval.float(), w) + b.T[:, None]
     by_cost = [_scores(run.headline, v.numpy(), val["targets"], val["labels"]) for v in val_scores]
     j = int(np.nanargmax(by_cost))
@@ -238,8 +252,8 @@ def _lowshot(run: frozen.Run) -> dict:
             kept += [one["test_scores"]] if k == headline_k else []
         metrics[f"{run.headline}@k{k}"] = float(np.mean(tests))
         metrics[f"{run.headline}@k{k}_std"] = float(np.std(tests, ddof=1)) if len(tests) > 1 else None
-        run.log(f"k={k}: test {run.headline} {np.mean(tests):.2f} +- {metrics[f'{run.headline}@k{k}_std'] or 0:.2f} "
-                f"over {ls.samples} samples")
+        spread = metrics[f"{run.headline}@k{k}_std"] or 0.0
+        run.log(f"k={k}: test {run.headline} {np.mean(tests):.2f} +- {spread:.2f} over {ls.samples} samples")
     run.derived["draws"] = draws
     return _lowshot_result(run, metrics, headline_k, kept, yte.numpy(), s, ls)
 
@@ -260,35 +274,26 @@ def _lowshot_result(run, metrics, headline_k, kept, labels, s, ls) -> dict:
             "outcomes": outcomes}
 
 
+def _config_record(cfg: SvmConfig, task: str) -> dict:
+    record = to_dict(cfg)
+    if task == "svm":
+        record.pop("lowshot")
+    return record
+
+
 def run(task: str, cfg: SvmConfig, weights: str, output, label: str | None = None,
         allow_pickle: bool = False) -> dict:
-    r = frozen.start(task, cfg, weights, output, label, allow_pickle, cfg.device)
-    result = (_svm if task == "svm" else _lowshot)(r)
-    path = None
-    if dist.is_main_process():
-        record = to_dict(cfg)
-        record.pop("lowshot") if task == "svm" else None
-        path = frozen.finish(r, config=record, **result)
-    dist.barrier()
-    return {"metrics": result.get("metrics", {}), "derived": r.derived, "path": path}
-
-
-def _main(task: str, argv) -> dict:
-    what = ("Per-class linear SVMs, costs by cross-validation (VOC07 SVM)" if task == "svm"
-            else "Low-shot linear SVMs (k positives per class, seeded samples)")
-    args = frozen.parser(task, what).parse_args(argv)
-    cfg = frozen.load_cli_config(SvmConfig, args)
-    try:
-        return run(task, cfg, args.weights, args.output, args.label, args.allow_pickle)
-    finally:
-        dist.destroy()
+    return frozen.run_task(task, cfg, weights, output, label, allow_pickle,
+                           _svm if task == "svm" else _lowshot, lambda c: _config_record(c, task))
 
 
 @cli
 def main_svm(argv=None) -> dict:
-    return _main("svm", argv)
+    return frozen.main("svm", "Per-class linear SVMs, costs by cross-validation (VOC07 SVM)",
+                       SvmConfig, run, argv)
 
 
 @cli
 def main_lowshot(argv=None) -> dict:
-    return _main("lowshot", argv)
+    return frozen.main("lowshot", "Low-shot linear SVMs (k positives per class, seeded samples)",
+                       SvmConfig, run, argv)
