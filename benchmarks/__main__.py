@@ -9,7 +9,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 # Each module has run(full: bool) -> list of {"name", "value", "unit", "note"}.
-BENCHMARKS = ["pretrain_step", "augment", "shuffle", "memory", "linear_protocols"]
+BENCHMARKS = ["pretrain_step", "augment", "shuffle", "memory", "linear_protocols", "report_time"]
 
 
 def main(argv=None) -> None:

@@ -6,10 +6,13 @@ MMSegmentation or torchvision files, and prove each output loads into its real c
     model = build_resnet(bb)                # torchvision ResNet, fc = Identity, strict load
     to_detectron2(bb, "r50.pkl")            # writes, checks keys, verifies in Detectron2
 
-Detectron2 and MMSegmentation are imported only inside the verification functions.
+Detectron2 and MMSegmentation are imported only inside the verification functions. No file's
+pickled code runs unless allow_pickle=True and the file needs it (converters.reader).
 """
+from converters.formats import detectron2_settings
 from converters.loader import Backbone, build_resnet, load_backbone
-from converters.writers import detectron2_settings, to_detectron2, to_mmseg, to_torchvision
+from converters.reader import read_checkpoint
+from converters.writers import to_detectron2, to_mmseg, to_torchvision
 
-__all__ = ["Backbone", "load_backbone", "build_resnet", "to_detectron2", "to_mmseg",
+__all__ = ["Backbone", "load_backbone", "build_resnet", "read_checkpoint", "to_detectron2", "to_mmseg",
            "to_torchvision", "detectron2_settings"]

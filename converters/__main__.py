@@ -1,7 +1,8 @@
 """python -m converters {detectron2,mmseg,torchvision} IN OUT [--arch A] [--allow-pickle] [--no-verify]
 
-Reads any supported checkpoint layout (see converters.loader), writes the requested format,
-verifies it (see converters.writers / converters.verify) and prints what was mapped and dropped.
+Reads any supported checkpoint layout (see converters.loader) without running its pickled code
+(converters.reader), writes the requested format, verifies it (converters.writers /
+converters.verify) and prints what was mapped and dropped. docs/converters.md is the user's guide.
 """
 import argparse
 import sys
@@ -32,18 +33,35 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("output", help="file to write" + (" (must end in .pkl)" if fmt == "detectron2" else ""))
         s.add_argument("--arch", choices=list(ARCHS), help="assert the backbone arch (inferred from the weights otherwise)")
         s.add_argument("--allow-pickle", action="store_true",
-                       help="load files that contain pickled Python objects (only for files you trust)")
+                       help="let Python's pickle load a file whose pickle calls code, or whose tensors only "
+                            "its own code can rebuild (it runs that code: only for files you trust); other "
+                            "pickled objects never need it")
         s.add_argument("--no-verify", action="store_true",
                        help="skip loading the output into the real library (key-set checks always run)")
     return p
+
+
+def _pickle_line(info: dict) -> str:
+    """One line on what reading the file ran (bb.meta["pickle"])."""
+    outside = info["outside_allow_list"]
+    # HistoryBuffer.min and the like (methods the file refers to) are shown under their class
+    outer = [n for n in outside if not any(n.startswith(f"{o}.") for o in outside)]
+    shown = ", ".join(outer[:4]) + (f" and {len(outer) - 4} more" if len(outer) > 4 else "")
+    if info["ran_code"]:
+        return f"read with Python's pickle (--allow-pickle): it imported and ran code of {shown}"
+    if outside:
+        return f"read without running its code: pickled objects kept as inert placeholders ({shown})"
+    return "read without running its code: tensors and plain data only"
 
 
 @cli
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     bb = load_backbone(args.input, arch=args.arch, allow_pickle=args.allow_pickle)
-    report = CONVERTERS[args.format](bb, args.output, verify=not args.no_verify)
+    # The command holds its output folder's lock while it writes (library callers hold their own).
+    report = CONVERTERS[args.format](bb, args.output, verify=not args.no_verify, lock=True)
     print(f"{args.input}: {bb.layout} layout, {bb.arch} ({bb.meta['arch_from']})")
+    print(_pickle_line(bb.meta["pickle"]))
     rows = report["rows"] + [(f"output keys ({report['format']})", report["keys"], report["path"])]
     print(tabulate(rows, headers=["", "keys", "example"], tablefmt="simple"))
     for line in report["checks"]:

@@ -14,28 +14,24 @@ Layouts are detected from the keys, never from the file name:
     detectron2     a Detectron2 .pkl ({"model": {"stem.conv1.weight": ndarray, ...}}), e.g. ours
                    or MoCo's convert-pretrain-to-detectron2.py output
 
-Safety: .pth files are read with torch.load(weights_only=True). Pickle files (.pkl) are read
-with an unpickler that only reconstructs dicts, lists, numbers, strings and numpy arrays, so a
-Detectron2 .pkl of plain arrays (ours, MoCo's, anybody's) loads without running code and needs
-no flag. Anything that needs other Python objects is refused unless the caller passes
-allow_pickle=True (CLI --allow-pickle), because unpickling it can execute arbitrary code.
+Safety: every file is read by converters.reader.read_checkpoint, which runs nothing the file
+contains: objects outside its allow-list (mmengine's MessageHub, argparse.Namespace, ...) become
+inert placeholders beside the tensors. A file whose pickle would call code, or whose tensors only
+its own code can rebuild, is refused unless allow_pickle=True (CLI --allow-pickle).
 """
-import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.serialization
 
 from mocobench.errors import UserError
 from mocobench.fileio import PRETRAIN_CHECKPOINT_FORMAT as PRETRAIN_FORMAT
+from mocobench.state import compare_state
 from converters import archs
+from converters.formats import MMSEG_FORMAT
 from converters.names import d2_to_tv
-
-MMSEG_FORMAT = "moco-bench.mmseg/1"
-D2_AUTHOR = "moco-bench"
+from converters.reader import Placeholder, read_checkpoint
 SUPPORTED = ("moco-bench pretrain checkpoint; MoCo official (module.encoder_q.*); "
              "mmselfsup/OpenSelfSup (backbone.*, encoder_q.0.*); torchvision state dict "
              "(conv1/bn1/layer1-4, optionally module.*); Detectron2 .pkl (stem.*, res2-res5)")
@@ -71,94 +67,6 @@ class Backbone:
     state_dict: dict
     layout: str
     meta: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- reading files
-
-class _Refused(Exception):
-    """The restricted unpickler met a global it does not allow."""
-
-
-def _np_reconstruct():
-    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core to numpy._core
-    return core.multiarray._reconstruct, core.multiarray.scalar
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Rebuilds only containers, numbers, strings and numpy arrays; refuses any other global."""
-
-    def find_class(self, module, name):
-        reconstruct, scalar = _np_reconstruct()
-        allowed = {
-            ("numpy", "ndarray"): np.ndarray,
-            ("numpy", "dtype"): np.dtype,
-            ("numpy.core.multiarray", "_reconstruct"): reconstruct,
-            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
-            ("numpy.core.multiarray", "scalar"): scalar,
-            ("numpy._core.multiarray", "scalar"): scalar,
-            ("collections", "OrderedDict"): dict,
-        }
-        if (module, name) in allowed:
-            return allowed[(module, name)]
-        raise _Refused(f"{module}.{name}")
-
-    def persistent_load(self, pid):
-        raise _Refused("a persistent id (a torch.save file, not a plain pickle)")
-
-
-def _corrupt(path, why) -> UserError:
-    why = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
-    why = why.split(". ")[0][:100]  # torch's messages run on for several sentences
-    return UserError(f"checkpoint {path} is truncated or corrupt ({why}); re-download or re-save it")
-
-
-def _needs_pickle(path, what) -> UserError:
-    return UserError(f"checkpoint {path} contains pickled Python objects ({what}) that can run code "
-                     f"when loaded; if you trust the file, pass --allow-pickle (allow_pickle=True)")
-
-
-def _read(path: Path, allow_pickle: bool):
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head:
-        raise _corrupt(path, "empty file")
-    if head == b"PK\x03\x04":  # torch.save zip format
-        return _torch_load(path, allow_pickle)
-    # Not a zip: a plain pickle (Detectron2 .pkl) or torch's legacy format, whose first
-    # pickled object is torch's magic number.
-    try:
-        with open(path, "rb") as f:
-            obj = _ArrayUnpickler(f, encoding="latin1").load()
-    except _Refused as e:
-        if allow_pickle:
-            with open(path, "rb") as f:
-                try:
-                    return pickle.load(f, encoding="latin1")
-                except Exception as e2:
-                    raise _corrupt(path, e2) from None
-        raise _needs_pickle(path, e) from None
-    except Exception as e:
-        raise _corrupt(path, e) from None
-    if isinstance(obj, int) and obj == torch.serialization.MAGIC_NUMBER:
-        return _torch_load(path, allow_pickle)
-    return obj
-
-
-def _torch_load(path: Path, allow_pickle: bool):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if not found:
-            raise _corrupt(path, e) from None
-        if not allow_pickle:
-            raise _needs_pickle(path, found[1]) from None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e2:
-            raise _corrupt(path, e2) from None
-    except Exception as e:  # RuntimeError (zip), EOFError, KeyError (garbage), ...
-        raise _corrupt(path, e) from None
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -214,6 +122,9 @@ def _carried(meta: dict) -> dict:
 
 def _detect(obj, path):
     """-> (layout, tensors with source names, prefix, naming "tv" | "d2", file meta)."""
+    if isinstance(obj, Placeholder):  # e.g. torch.save(model): a whole pickled object
+        raise UserError(f"checkpoint {path} holds a pickled {obj.pickled_global} object, not a dict of "
+                        f"tensors; save its state_dict() with torch.save instead (supported: {SUPPORTED})")
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of tensors; "
                         f"supported layouts: {SUPPORTED}")
@@ -254,22 +165,8 @@ def _detect(obj, path):
 
 # ----------------------------------------------------------------------------- public API
 
-def load_backbone(path, *, arch: str | None = None, allow_pickle: bool = False) -> Backbone:
-    """Read any supported checkpoint and return its backbone in torchvision names.
-
-    Refuses (UserError, one line) a missing, truncated or unrecognised file, a backbone whose keys
-    or shapes differ from torchvision's `arch` in any way, and an explicit `arch` the weights
-    contradict. BN `num_batches_tracked` counters absent from the source (Detectron2 files carry
-    none) are filled with 0; they only matter for BatchNorm(momentum=None), which ResNet never uses.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} not found; check the path")
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} is not a file; pass the checkpoint file itself")
-    obj = _read(path, allow_pickle)
-    layout, sd, prefix, naming, meta = _detect(obj, path)
-
+def _split(sd: dict, prefix: str, naming: str, layout: str, path) -> tuple:
+    """-> ({torchvision name: tensor} of the backbone, {category: [dropped source keys]})."""
     backbone, dropped, unknown = {}, {}, []
     for key, value in sd.items():
         under = key.startswith(prefix)
@@ -287,9 +184,12 @@ def load_backbone(path, *, arch: str | None = None, allow_pickle: bool = False) 
         raise UserError(f"checkpoint {path} ({layout}): keys under {prefix or 'the top level'!r} that "
                         f"no torchvision ResNet has: {', '.join(unknown[:4])}"
                         f"{' ...' if len(unknown) > 4 else ''}; is this a ResNet backbone?")
+    return backbone, dropped
 
+
+def _arch(backbone: dict, said, arch: str | None, path) -> str:
+    """The arch the weights are, refusing a file or an `arch` argument that says otherwise."""
     inferred = archs.infer_arch(backbone)
-    said = meta.get("arch") if meta.get("arch") in archs.ARCHS else None  # e.g. MoCo's "resnet50w2"
     if said is not None and said != inferred:
         raise UserError(f"checkpoint {path} says arch {said!r} but its weights are a {inferred}; "
                         f"the file is inconsistent")
@@ -298,19 +198,42 @@ def load_backbone(path, *, arch: str | None = None, allow_pickle: bool = False) 
         if arch != inferred:
             raise UserError(f"checkpoint {path} holds a {inferred} backbone, not {arch}; "
                             f"drop --arch or pass --arch {inferred}")
+    return inferred
+
+
+def load_backbone(path, *, arch: str | None = None, allow_pickle: bool = False) -> Backbone:
+    """Read any supported checkpoint and return its backbone in torchvision names.
+
+    Refuses (UserError, one line) a missing, truncated or unrecognised file, a backbone whose keys
+    or shapes differ from torchvision's `arch` in any way, and an explicit `arch` the weights
+    contradict. BN `num_batches_tracked` counters absent from the source (Detectron2 files carry
+    none) are filled with 0; they only matter for BatchNorm(momentum=None), which ResNet never uses.
+    Nothing the file contains is run unless allow_pickle and the file needs it (see
+    converters.reader); meta["pickle"] says what was kept inert or ran.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} not found; check the path")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} is not a file; pass the checkpoint file itself")
+    ckpt = read_checkpoint(path, allow_pickle=allow_pickle)
+    layout, sd, prefix, naming, meta = _detect(ckpt.obj, path)
+    backbone, dropped = _split(sd, prefix, naming, layout, path)
+
+    said = meta.get("arch") if meta.get("arch") in archs.ARCHS else None  # e.g. MoCo's "resnet50w2"
+    inferred = _arch(backbone, said, arch, path)
     meta["arch"] = inferred
     meta["arch_from"] = "file" if said else ("argument" if arch else "inferred")
 
     expected = archs.expected_shapes(inferred)
-    filled = []
-    for key, shape in expected.items():
-        if key not in backbone and key.endswith("num_batches_tracked"):
-            backbone[key] = torch.tensor(0, dtype=torch.long)
-            filled.append(key)
-    check_backbone(backbone, inferred, where=f"checkpoint {path}")
+    filled = [k for k in expected if k not in backbone and k.endswith("num_batches_tracked")]
+    backbone.update({k: torch.tensor(0, dtype=torch.long) for k in filled})
+    compare_state(backbone, expected, values=False).refuse_unless_equal(
+        f"checkpoint {path}, read as a {inferred} backbone,", then="refusing a partial load")
     first = next((k for k in sd if k.startswith(prefix) and (d2_to_tv(k[len(prefix):]) if naming == "d2"
                   else k[len(prefix):]) == "conv1.weight"), None)
-    meta.update(source=str(path), dropped=dropped, filled=filled, example_key=first)
+    meta.update(source=str(path), dropped=dropped, filled=filled, example_key=first,
+                pickle={"outside_allow_list": ckpt.outside, "ran_code": ckpt.ran_code})
     # Module order, so tables and written files read like torchvision's own state dict.
     # float32 whatever the file stored (fp16 exports exist), so every consumer gets torchvision's dtypes.
     state_dict = {k: _canonical(backbone[k]) for k in expected}
@@ -320,19 +243,6 @@ def load_backbone(path, *, arch: str | None = None, allow_pickle: bool = False) 
 def _canonical(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().cpu()
     return (t.float() if t.is_floating_point() else t.long()).contiguous()
-
-
-def check_backbone(sd: dict, arch: str, where: str) -> None:
-    """Refuse unless `sd` has exactly torchvision's `arch` backbone keys with their shapes."""
-    expected = archs.expected_shapes(arch)
-    missing = [k for k in expected if k not in sd]
-    extra = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} != {expected[k]}" for k in expected
-             if k in sd and tuple(sd[k].shape) != expected[k]]
-    for label, bad in (("is missing", missing), ("has unexpected", extra), ("has wrong shapes", wrong)):
-        if bad:
-            raise UserError(f"{where} {label} {arch} backbone keys ({len(bad)}): "
-                            f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; refusing a partial load")
 
 
 def build_resnet(bb: Backbone) -> torch.nn.Module:

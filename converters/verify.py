@@ -5,7 +5,7 @@ torchvision's ResNet carrying the source weights (eval mode, one seeded random i
 Detectron2 and MMSegmentation are imported here only, inside the functions, so converters work
 without them; when one is missing the check is skipped and the returned line says so.
 Each function returns ({stage: max abs diff} or None when skipped, one line for the report),
-or raises UserError.
+or raises UserError. The writers call these; nothing here imports the writers.
 """
 import contextlib
 import importlib.util
@@ -17,7 +17,9 @@ import warnings
 import torch
 
 from mocobench.errors import UserError
+from mocobench.state import compare_state
 from converters import archs
+from converters.formats import MMSEG_PREFIX, detectron2_settings, detectron2_state_dict
 from converters.loader import Backbone, build_resnet
 
 TOLERANCE = 1e-4
@@ -54,31 +56,20 @@ def _compare(names, ours, theirs, library):
     return text, dict(zip(names, diffs))
 
 
-def _state_mismatch(own: dict, ref: dict) -> tuple:
-    """-> (in the model but not the file, in the file but not the model, different values)."""
-    own = {k: v for k, v in own.items() if not k.endswith("num_batches_tracked")}
-    ref = {k: v for k, v in ref.items() if not k.endswith("num_batches_tracked")}
-    missing = [k for k in own if k not in ref]
-    unexpected = [k for k in ref if k not in own]
-    differ = [k for k in own if k in ref and not torch.equal(own[k].cpu(), torch.as_tensor(ref[k]).to(own[k].dtype))]
-    return missing, unexpected, differ
-
-
-def _refuse_mismatch(library, missing, unexpected, differ):
-    for label, bad in (("keys the file does not set (they would stay random)", missing),
-                       ("file keys it does not use", unexpected),
-                       ("tensors that differ from the file after loading", differ)):
-        if bad:
-            raise UserError(f"{library} backbone has {len(bad)} {label}: {', '.join(bad[:3])}; "
-                            f"refusing the conversion")
+def _refuse_unless_loaded(library: str, loaded: dict, written: dict) -> None:
+    """What `library` loaded must be exactly what the file holds (BN counters aside: Detectron2
+    files carry none, and FrozenBN has none to load)."""
+    compare_state(loaded, written, skip_counters=True).refuse_unless_equal(
+        f"{library}'s backbone after loading the converted file",
+        then="it does not load as converted; refusing the conversion")
 
 
 # ----------------------------------------------------------------------------- Detectron2
 
-def verify_detectron2(bb: Backbone, pkl_path) -> str:
+def verify_detectron2(bb: Backbone, pkl_path) -> tuple[dict | None, str]:
     if importlib.util.find_spec("detectron2") is None:
         return None, ("numeric check skipped: detectron2 is not installed "
-                "(pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git')")
+                      "(pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git')")
     with warnings.catch_warnings():
         # detectron2 still calls torch.jit.script at import time; the warning is not ours to fix
         warnings.simplefilter("ignore", FutureWarning)
@@ -86,8 +77,6 @@ def verify_detectron2(bb: Backbone, pkl_path) -> str:
         from detectron2.config import get_cfg
         from detectron2.layers import ShapeSpec
         from detectron2.modeling.backbone.resnet import build_resnet_backbone
-
-    from converters.writers import detectron2_settings
 
     cfg = get_cfg()
     opts = []
@@ -106,9 +95,7 @@ def verify_detectron2(bb: Backbone, pkl_path) -> str:
         os.symlink(os.path.abspath(pkl_path), link)
         DetectionCheckpointer(backbone).load(link)
 
-    from converters.writers import detectron2_state_dict
-
-    _refuse_mismatch("Detectron2", *_state_mismatch(backbone.state_dict(), detectron2_state_dict(bb)))
+    _refuse_unless_loaded("Detectron2", backbone.state_dict(), detectron2_state_dict(bb))
     x = _input()
     ours = torchvision_stages(bb, x)
     with torch.no_grad():
@@ -116,13 +103,13 @@ def verify_detectron2(bb: Backbone, pkl_path) -> str:
     names = ["res2", "res3", "res4", "res5"]
     text, diffs = _compare(names, ours, [out[n] for n in names], "Detectron2")
     return diffs, (f"Detectron2 build_resnet_backbone ({bb.arch}, STRIDE_IN_1X1 False) via "
-            f"DetectionCheckpointer: all {len(backbone.state_dict())} tensors loaded; "
-            f"max abs diff vs torchvision: {text}")
+                   f"DetectionCheckpointer: all {len(backbone.state_dict())} tensors loaded; "
+                   f"max abs diff vs torchvision: {text}")
 
 
 # ----------------------------------------------------------------------------- MMSegmentation
 
-def verify_mmseg(bb: Backbone, pth_path) -> str:
+def verify_mmseg(bb: Backbone, pth_path) -> tuple[dict | None, str]:
     if importlib.util.find_spec("mmseg") is None:
         from mocobench.mmseg_compat import INSTALL
 
@@ -132,14 +119,14 @@ def verify_mmseg(bb: Backbone, pth_path) -> str:
     with contextlib.redirect_stdout(io.StringIO()):
         # mmengine prints "Loads checkpoint by local backend from path: <temporary name>";
         # what loaded is checked below, key by key.
-        model = build_resnet_backbone(archs.depth(bb.arch), checkpoint=str(pth_path), prefix="backbone.")
+        model = build_resnet_backbone(archs.depth(bb.arch), checkpoint=str(pth_path), prefix=MMSEG_PREFIX)
     model.eval()
-    _refuse_mismatch("MMSegmentation", *_state_mismatch(model.state_dict(), bb.state_dict))
+    _refuse_unless_loaded("MMSegmentation", model.state_dict(), bb.state_dict)
     x = _input()
     ours = torchvision_stages(bb, x)
     with torch.no_grad():
         theirs = model(x)
     text, diffs = _compare(["stage1", "stage2", "stage3", "stage4"], ours, theirs, "MMSegmentation")
     return diffs, (f"MMSegmentation ResNet(depth={archs.depth(bb.arch)}, style='pytorch') via init_cfg "
-            f"Pretrained prefix 'backbone.': all {len(model.state_dict())} tensors loaded; "
-            f"max abs diff vs torchvision: {text}")
+                   f"Pretrained prefix '{MMSEG_PREFIX}': all {len(model.state_dict())} tensors loaded; "
+                   f"max abs diff vs torchvision: {text}")

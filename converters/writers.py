@@ -5,25 +5,33 @@ temporary name, read back, checked for exactly the expected keys and shapes of i
 with verify=True, loaded into the real consumer: see converters.verify), and only then renamed
 over the output path. A failed check raises UserError and leaves no output behind.
 
+Before writing, the output's folder is prepared by mocobench.fileio.prepare_output (created,
+a real write proven, room for the file checked), so an output that is a folder, read-only,
+inside a regular file or on a full disk is one line. lock=True (the `python -m converters`
+command) also takes that folder's lock; library callers (transfer tasks) write into folders
+whose lock they hold already, and under torchrun a second node's converting rank must not
+contend for it.
+
 Each returns a report: {"format", "path", "keys", "rows": [(what, count, example)], "checks": [str],
 "max_abs_diff": {stage: float} from the library check, or None when it did not run}.
 """
+import contextlib
 import json
 import pickle
+import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mocobench.errors import UserError
-from mocobench.fileio import atomic_write
+from mocobench.fileio import atomic_write, prepare_output
+from mocobench.state import compare_state
 from converters import archs
-from converters.loader import D2_AUTHOR, MMSEG_FORMAT, Backbone, _read, check_backbone
-from converters.names import tv_to_d2
-
-TORCHVISION_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                             "input_format": "RGB"}
-MMSEG_PREFIX = "backbone."
+from converters.formats import (D2_AUTHOR, MMSEG_FORMAT, MMSEG_PREFIX, TORCHVISION_NORMALIZATION,
+                                detectron2_expected, detectron2_settings, detectron2_state_dict)
+from converters.loader import Backbone
+from converters.reader import read_checkpoint
+from converters.verify import verify_detectron2, verify_mmseg
 
 
 def _plain(obj):
@@ -40,25 +48,6 @@ def _meta(bb: Backbone) -> dict:
     return _plain(meta)
 
 
-def detectron2_settings(bb: Backbone) -> dict:
-    """The Detectron2 config values under which torchvision-layout weights compute what
-    torchvision computes: stride in the 3x3 conv (STRIDE_IN_1X1 False), RGB input in 0-255
-    normalised with the pretraining mean/std (times 255), and the arch's depth/groups/width."""
-    norm = bb.meta.get("normalization") or TORCHVISION_NORMALIZATION
-    _, _, groups, width = archs.ARCHS[bb.arch]
-    depth = archs.depth(bb.arch)
-    return {
-        "INPUT.FORMAT": "RGB",
-        "MODEL.PIXEL_MEAN": [round(255 * m, 3) for m in norm["mean"]],
-        "MODEL.PIXEL_STD": [round(255 * s, 3) for s in norm["std"]],
-        "MODEL.RESNETS.DEPTH": depth,
-        "MODEL.RESNETS.STRIDE_IN_1X1": False,
-        "MODEL.RESNETS.RES2_OUT_CHANNELS": 64 if depth in (18, 34) else 256,
-        "MODEL.RESNETS.NUM_GROUPS": groups,
-        "MODEL.RESNETS.WIDTH_PER_GROUP": width,
-    }
-
-
 def _dropped_rows(bb: Backbone) -> list:
     order = ["head", "momentum encoder", "queue", "BN counters", "other"]
     dropped = sorted(bb.meta.get("dropped", {}).items(), key=lambda kv: order.index(kv[0]))
@@ -73,54 +62,61 @@ def _report(fmt, path, out_keys, rows, checks, diffs):
             "max_abs_diff": diffs}
 
 
-def _not_same_file(bb: Backbone, out: Path):
+def _cannot_write(out: Path, e: Exception) -> UserError:
+    why = getattr(e, "strerror", None)
+    if not why:  # torch's zip writer hides the errno: "[enforce fail at inline_container.cc] ..."
+        try:
+            free = f"{shutil.disk_usage(out.parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        why = f"the write failed with {free}"
+    return UserError(f"cannot write {out} ({why}); free disk space or choose another output path")
+
+
+def _write(out: Path, bb: Backbone, lock: bool, save, check) -> None:
+    """Write `out` atomically: save(tmp) writes the file, check(tmp) proves it before it is
+    renamed into place. The folder is prepared first (see the module docstring)."""
     src = bb.meta.get("source")
     if src and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
         raise UserError(f"output {out} is the input file; choose another output path")
+    if out.is_dir():
+        raise UserError(f"output {out} is a folder; give the file to write, e.g. {out / ('model' + out.suffix)}")
+    need = sum(t.numel() * t.element_size() for t in bb.state_dict.values()) + 2**20  # + metadata
+    held = prepare_output(out.parent, "converted weights", need_bytes=need, lock=lock)
+
+    def write(tmp):
+        try:
+            save(tmp)
+        except (OSError, RuntimeError) as e:  # RuntimeError: torch's zip writer on a full disk
+            raise _cannot_write(out, e) from None
+        check(tmp)
+
+    with held or contextlib.nullcontext():
+        try:
+            atomic_write(out, write)
+        except OSError as e:
+            raise _cannot_write(out, e) from None
+
+
+def _check_read_back(got: dict, shapes: dict, written: dict, what: str) -> None:
+    """The file read back has exactly the keys and shapes of its arch, and the values written."""
+    compare_state(got, shapes, values=False).refuse_unless_equal(what, then="refusing to write it")
+    compare_state(got, written).refuse_unless_equal(
+        f"{what} read back", then="it differs from what was written (disk problem?); refusing to write it")
 
 
 # ----------------------------------------------------------------------------- Detectron2
 
-def detectron2_state_dict(bb: Backbone) -> dict:
-    """Backbone -> {Detectron2 name: float32 ndarray}, without BN num_batches_tracked.
-
-    The counters are dropped on purpose. Detectron2's default norm, FrozenBN, has no
-    num_batches_tracked, so keeping them (as MoCo's converter does) logs 53 unused keys for a
-    R50; with NORM BN/SyncBN and FREEZE_AT 0 (MoCo's detection configs) torch's BatchNorm loader
-    fills a missing counter itself, so both load cleanly. Only BN stages frozen by FREEZE_AT > 0
-    (converted to FrozenBN that keeps a counter) log them as missing: harmless, as eval-mode and
-    frozen BN never read the counter. DetectionCheckpointer drops them too for pycls files.
-    """
-    out = {}
-    for key, value in bb.state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        name = tv_to_d2(key)
-        if name is None or name in out:
-            raise UserError(f"cannot name {key!r} in Detectron2 terms; this is a bug, please report it")
-        out[name] = value.detach().cpu().numpy().copy()
-    return out
-
-
-def detectron2_expected(arch: str) -> dict:
-    return {tv_to_d2(k): s for k, s in archs.expected_shapes(arch).items()
-            if not k.endswith("num_batches_tracked")}
-
-
-def _check_d2_file(path, bb, model):
-    obj = _read(Path(path), allow_pickle=False)
+def _check_d2_file(path, bb: Backbone, model: dict) -> str:
+    obj = read_checkpoint(path).obj
     if not isinstance(obj, dict) or set(obj) < {"model", "__author__", "matching_heuristics"}:
         raise UserError(f"written file {path} lacks model/__author__/matching_heuristics; this is a bug")
-    got = obj["model"]
     expected = detectron2_expected(bb.arch)
-    _exact(got, expected, f"Detectron2 file for {bb.arch}")
-    differ = [k for k in expected if not np.array_equal(got[k], model[k])]
-    if differ:
-        raise UserError(f"Detectron2 file differs from the source at {differ[0]} after writing; disk problem?")
+    _check_read_back(obj["model"], expected, model, f"Detectron2 file for {bb.arch}")
     return f"key set: exactly the {len(expected)} Detectron2 keys of {bb.arch}, shapes and values match"
 
 
-def to_detectron2(bb: Backbone, out, verify: bool = True) -> dict:
+def to_detectron2(bb: Backbone, out, verify: bool = True, lock: bool = False) -> dict:
     """Write `{"model": {name: ndarray}, "__author__": "moco-bench", "matching_heuristics": True,
     "meta": {...}}` for DetectionCheckpointer. `out` must end in .pkl: that is how Detectron2
     recognises this format."""
@@ -128,24 +124,24 @@ def to_detectron2(bb: Backbone, out, verify: bool = True) -> dict:
     if out.suffix != ".pkl":
         raise UserError(f"Detectron2 output {out} must end in .pkl (DetectionCheckpointer picks the "
                         f"format by extension)")
-    _not_same_file(bb, out)
     model = detectron2_state_dict(bb)
     meta = _meta(bb)
     meta["detectron2_settings"] = detectron2_settings(bb)
     payload = {"model": model, "__author__": D2_AUTHOR, "matching_heuristics": True, "meta": meta}
     checks, diffs = [], None
 
-    def write(tmp):
-        nonlocal diffs
+    def save(tmp):
         with open(tmp, "wb") as f:
             pickle.dump(payload, f, protocol=4)
+
+    def check(tmp):
+        nonlocal diffs
         checks.append(_check_d2_file(tmp, bb, model))
         if verify:
-            from converters.verify import verify_detectron2
             diffs, line = verify_detectron2(bb, tmp)
             checks.append(line)
 
-    atomic_write(out, write)
+    _write(out, bb, lock, save, check)
     n_counters = sum(k.endswith("num_batches_tracked") for k in bb.state_dict) - len(bb.meta.get("filled", []))
     rows = [("mapped to Detectron2 names", len(model), f"{bb.meta.get('example_key')} -> stem.conv1.weight")]
     rows += _dropped_rows(bb)
@@ -157,7 +153,7 @@ def to_detectron2(bb: Backbone, out, verify: bool = True) -> dict:
 
 # ----------------------------------------------------------------------------- MMSegmentation
 
-def to_mmseg(bb: Backbone, out, verify: bool = True) -> dict:
+def to_mmseg(bb: Backbone, out, verify: bool = True, lock: bool = False) -> dict:
     """Write `{"state_dict": {"backbone.<torchvision name>": tensor}, "meta": {...}}` for mmseg's
     plain ResNet (style='pytorch', not ResNetV1c, whose deep stem would stay random), loaded
     with init_cfg=dict(type='Pretrained', checkpoint=out, prefix='backbone.'), pretrained=None."""
@@ -165,7 +161,6 @@ def to_mmseg(bb: Backbone, out, verify: bool = True) -> dict:
     if archs.ARCHS[bb.arch][2:] != (1, 64):
         raise UserError(f"MMSegmentation's plain ResNet has no grouped or widened blocks, so {bb.arch} "
                         f"cannot load into it; use a resnet18/34/50/101/152 checkpoint")
-    _not_same_file(bb, out)
     sd = {MMSEG_PREFIX + k: v.clone() for k, v in bb.state_dict.items()}
     meta = _meta(bb)
     meta.update(format=MMSEG_FORMAT, mmseg_backbone=dict(type="ResNet", depth=archs.depth(bb.arch),
@@ -173,23 +168,20 @@ def to_mmseg(bb: Backbone, out, verify: bool = True) -> dict:
                 init_cfg=dict(type="Pretrained", prefix=MMSEG_PREFIX))
     checks, diffs = [], None
 
-    def write(tmp):
+    def check(tmp):
         nonlocal diffs
-        torch.save({"state_dict": sd, "meta": meta}, tmp)
         got = torch.load(tmp, map_location="cpu", weights_only=True)["state_dict"]
         if any(not k.startswith(MMSEG_PREFIX) for k in got):
             raise UserError(f"written mmseg file {tmp} has keys outside {MMSEG_PREFIX}; this is a bug")
         stripped = {k[len(MMSEG_PREFIX):]: v for k, v in got.items()}
-        check_backbone(stripped, bb.arch, where="MMSegmentation file")
-        _same_values(stripped, bb.state_dict, "MMSegmentation file")
+        _check_read_back(stripped, archs.expected_shapes(bb.arch), bb.state_dict, "MMSegmentation file")
         checks.append(f"key set: exactly the {len(got)} keys of torchvision {bb.arch} without fc, "
                       f"under {MMSEG_PREFIX}, shapes and values match")
         if verify:
-            from converters.verify import verify_mmseg
             diffs, line = verify_mmseg(bb, tmp)
             checks.append(line)
 
-    atomic_write(out, write)
+    _write(out, bb, lock, lambda tmp: torch.save({"state_dict": sd, "meta": meta}, tmp), check)
     rows = [(f"mapped (prefixed {MMSEG_PREFIX})", len(sd), f"{bb.meta.get('example_key')} -> "
              f"{MMSEG_PREFIX}conv1.weight")] + _dropped_rows(bb)
     return _report("mmseg", out, sd, rows, checks, diffs)
@@ -197,51 +189,34 @@ def to_mmseg(bb: Backbone, out, verify: bool = True) -> dict:
 
 # ----------------------------------------------------------------------------- torchvision
 
-def to_torchvision(bb: Backbone, out, verify: bool = True) -> dict:
+def _check_torchvision_load(arch: str, sd: dict) -> str:
+    import torchvision
+
+    result = getattr(torchvision.models, arch)().load_state_dict(sd, strict=False)
+    if sorted(result.missing_keys) != ["fc.bias", "fc.weight"] or result.unexpected_keys:
+        raise UserError(f"torchvision.models.{arch}() loads the file with missing "
+                        f"{result.missing_keys[:3]} unexpected {result.unexpected_keys[:3]}")
+    return f"torchvision.models.{arch}(): loads with only fc.weight, fc.bias missing"
+
+
+def to_torchvision(bb: Backbone, out, verify: bool = True, lock: bool = False) -> dict:
     """Write the backbone as a plain state dict: torchvision.models.<arch>() loads it with
     strict=False and only fc.weight/fc.bias missing."""
     out = Path(out)
-    _not_same_file(bb, out)
     sd = {k: v.clone() for k, v in bb.state_dict.items()}
     checks = []
 
-    def write(tmp):
-        torch.save(sd, tmp)
+    def check(tmp):
         got = torch.load(tmp, map_location="cpu", weights_only=True)
-        check_backbone(got, bb.arch, where="torchvision file")
-        _same_values(got, bb.state_dict, "torchvision file")
+        _check_read_back(got, archs.expected_shapes(bb.arch), bb.state_dict, "torchvision file")
         checks.append(f"key set: exactly the {len(got)} keys of torchvision {bb.arch} without fc, "
                       f"shapes and values match")
         if verify:
-            import torchvision
+            checks.append(_check_torchvision_load(bb.arch, got))
 
-            model = getattr(torchvision.models, bb.arch)()
-            result = model.load_state_dict(got, strict=False)
-            if sorted(result.missing_keys) != ["fc.bias", "fc.weight"] or result.unexpected_keys:
-                raise UserError(f"torchvision.models.{bb.arch}() loads the file with missing "
-                                f"{result.missing_keys[:3]} unexpected {result.unexpected_keys[:3]}")
-            checks.append(f"torchvision.models.{bb.arch}(): loads with only fc.weight, fc.bias missing")
-
-    atomic_write(out, write)
+    _write(out, bb, lock, lambda tmp: torch.save(sd, tmp), check)
     rows = [("mapped (torchvision names)", len(sd), f"{bb.meta.get('example_key')} -> conv1.weight")]
     return _report("torchvision", out, sd, rows + _dropped_rows(bb), checks, None)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def _exact(got: dict, expected: dict, where: str):
-    missing = [k for k in expected if k not in got]
-    extra = [k for k in got if k not in expected]
-    wrong = [k for k in expected if k in got and tuple(got[k].shape) != expected[k]]
-    for label, bad in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)):
-        if bad:
-            raise UserError(f"{where}: {len(bad)} {label} keys ({', '.join(bad[:3])}); refusing to write it")
-
-
-def _same_values(got: dict, ref: dict, where: str):
-    differ = [k for k in ref if not torch.equal(got[k], ref[k])]
-    if differ:
-        raise UserError(f"{where} differs from the source at {differ[0]} after writing; disk problem?")
 
 
 CONVERTERS = {"detectron2": to_detectron2, "mmseg": to_mmseg, "torchvision": to_torchvision}

@@ -152,9 +152,28 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+def configs_dir() -> Path:
+    """The suite's configs: the copy shipped in the installed package (mocobench/configs),
+    else the checkout's top-level configs/ folder."""
+    here = Path(__file__).resolve().parent
+    shipped = here / "configs"
+    return shipped if shipped.is_dir() else here.parent / "configs"
+
+
+def find_config(path) -> Path:
+    """`path` itself when it exists; else, for a path starting with configs/ (the way the
+    README, the bench configs and the docs name them), the suite's own copy of that file,
+    so the shipped configs work after `pip install` from any working directory."""
+    path = Path(path).expanduser()
+    if path.exists() or path.is_absolute() or not path.parts or path.parts[0] != "configs":
+        return path
+    shipped = configs_dir().joinpath(*path.parts[1:])
+    return shipped if shipped.exists() else path
+
+
 def read_mapping(path, hint: str = "") -> dict:
     """The YAML mapping in `path`, or one line saying why it is not one."""
-    path = Path(path)
+    path = find_config(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config{hint}")
     try:
@@ -170,7 +189,7 @@ def read_mapping(path, hint: str = "") -> dict:
 
 
 def read_yaml(path) -> dict:
-    path = Path(path)
+    path = find_config(path)
     data = read_mapping(path)
     base = data.pop("_base_", None)
     if base:

@@ -4,7 +4,7 @@ Everything else (``transfer.segment``, the converters' numeric check) calls
 ``import_mmseg()`` lazily and never imports ``mmseg``/``mmcv`` itself, so the
 rest of the suite works without them.
 
-Which mmcv, and why (see ../shared/NOTES-deps.md, where both routes were tried):
+Which mmcv, and why (docs/dependencies.md gives both routes, as tried):
 
 * Pinned set: ``mmsegmentation==1.2.2 mmengine==0.10.7 mmcv-lite==2.1.0 ftfy regex``
   (mmseg 1.2.2 asserts 2.0.0rc4 <= mmcv < 2.2.0; ``ftfy``/``regex`` are imported

@@ -1,6 +1,7 @@
 """python -m pretrain --config CONFIG --output DIR [--resume CKPT] [key=value ...]"""
 import argparse
 
+from mocobench import dist
 from mocobench.config import load_config
 from mocobench.errors import cli
 from pretrain.config import PretrainConfig
@@ -24,7 +25,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     cfg = load_config(PretrainConfig, args.config, args.overrides)
-    train(cfg, args.output, resume=args.resume)
+    try:
+        train(cfg, args.output, resume=args.resume)
+    finally:
+        dist.destroy()  # the process group goes with the run, not with the interpreter
 
 
 if __name__ == "__main__":

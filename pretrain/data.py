@@ -56,6 +56,8 @@ def eval_transform(size: int, mean, std):
 class TwoCrops(Dataset):
     """(query view, key view, label, index) of an ImageDataset, seeded per image.
 
+    Items are addressed by (epoch, index), as EpochSampler yields them, so that persistent
+    loader workers need no message when an epoch starts (a plain index means epoch 0).
     A view is what `transform` returns: a normalised tensor (the PIL pipeline), or a
     (uint8 pixels, colour parameters) pair from device_augment.WorkerHalf.
 
@@ -63,16 +65,17 @@ class TwoCrops(Dataset):
     view) the query view is returned in both places instead of augmenting twice."""
 
     def __init__(self, images, transform, seed: int, key_view: bool = True):
-        self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0
+        self.images, self.transform, self.seed = images, transform, seed
         self.key_view = key_view
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         image, index = self.images.load_image(index)  # another index if the file was skipped
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
             random.seed(index)  # PIL-level ops never use `random`, but be safe
             q = self.transform(image)
             k = self.transform(image) if self.key_view else q
@@ -80,20 +83,26 @@ class TwoCrops(Dataset):
 
 
 class EpochSampler(Sampler):
-    """This rank's indices for one epoch: a seeded permutation cut to whole global
-    batches (MoCo's queue needs every batch full, so the tail is dropped), dealt
-    out rank by rank, starting after `skip_batches` batches already trained."""
+    """This rank's (epoch, index) pairs for one epoch: a seeded permutation cut to whole
+    global batches (MoCo's queue needs every batch full, so the tail is dropped), dealt out
+    rank by rank, starting after the batches already trained. `set_epoch` before each epoch;
+    the loader then reads it anew (in the main process, also with persistent workers)."""
 
-    def __init__(self, n, global_batch, rank, world_size, seed, epoch, skip_batches=0):
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        perm = torch.randperm(n, generator=g)
+    def __init__(self, n, global_batch, rank, world_size, seed):
+        self.n, self.global_batch, self.rank, self.world_size, self.seed = n, global_batch, rank, world_size, seed
         self.steps = n // global_batch
-        per_rank = global_batch // world_size
-        batches = perm[: self.steps * global_batch].view(self.steps, world_size, per_rank)
-        self.indices = batches[skip_batches:, rank].reshape(-1).tolist()
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        per_rank = self.global_batch // self.world_size
+        batches = perm[: self.steps * self.global_batch].view(self.steps, self.world_size, per_rank)
+        self.epoch = epoch
+        self.indices = batches[skip_batches:, self.rank].reshape(-1).tolist()
 
     def __iter__(self):
-        return iter(self.indices)
+        return iter([(self.epoch, i) for i in self.indices])
 
     def __len__(self):
         return len(self.indices)

@@ -114,29 +114,35 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def colour_batch(views: torch.Tensor, params: torch.Tensor, recipe: Recipe, mean, std) -> torch.Tensor:
-    """The device half: uint8 NxCxHxW views and their parameter rows -> normalised float."""
-    x = views.float().div_(255)
-    params = params.to(x.device)
+    """The device half: uint8 NxCxHxW views and their parameter rows -> normalised float.
 
-    def where(mask, fn):  # apply fn to the images selected by mask
+    Which images each op touches is decided from the parameter rows on the CPU, where the
+    loader delivers them: the device never waits for the host (no nonzero() or len() of a
+    device tensor, each a full synchronisation), only index lists travel to it."""
+    x = views.float().div_(255)
+    plan = params.cpu()  # a no-op for the loader's rows; a device copy would wait here once
+    on_device = params.to(x.device, non_blocking=True)
+
+    def where(mask, fn):  # apply fn to the images selected by the CPU mask
         idx = mask.nonzero().squeeze(1)
         if len(idx):
-            x[idx] = fn(x[idx], idx)
+            idx = idx.to(x.device, non_blocking=True)
+            x[idx] = fn(x[idx], on_device[idx])
 
     def jitter():
-        on = params[:, JITTER] > 0
-        order = params[:, ORDER].long()
+        on = plan[:, JITTER] > 0
+        order = plan[:, ORDER].long()
         for slot in range(4):
             for op in range(4):
                 where(on & (order[:, slot] == op),
-                      lambda xs, i, op=op: _jitter_op(xs, op, params[i, FACTORS.start + op]))
+                      lambda xs, p, op=op: _jitter_op(xs, op, p[:, FACTORS.start + op]))
 
     def gray():
-        where(params[:, GRAY] > 0, lambda xs, i: grayscale(xs).expand(-1, 3, -1, -1))
+        where(plan[:, GRAY] > 0, lambda xs, p: grayscale(xs).expand(-1, 3, -1, -1))
 
     if recipe.version == "v2":
         jitter(), gray()
-        where(params[:, BLUR] > 0, lambda xs, i: _blur(xs, params[i, SIGMA], recipe.kernel))
+        where(plan[:, BLUR] > 0, lambda xs, p: _blur(xs, p[:, SIGMA], recipe.kernel))
     else:
         gray(), jitter()
     mean, std = x.new_tensor(mean).view(1, -1, 1, 1), x.new_tensor(std).view(1, -1, 1, 1)

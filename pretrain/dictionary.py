@@ -21,32 +21,37 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mocobench import dist
-from pretrain.builder import MoCo, build_encoder
-
-DICTIONARIES = ("queue", "end_to_end", "memory_bank")
+from pretrain import shuffle
+from pretrain.builder import MoCo, build_encoder, full_precision, normalized
 
 
 class EndToEnd(nn.Module):
     """
-    arch, dim, T, mlp, bn_splits: as for MoCo
+    arch, dim, T, mlp, bn_splits, shuffle_keys: as for MoCo
     The key encoder is the query encoder itself (m = 0, no queue): a query's positive
     is its own image's key, the negatives the other keys of the global batch.
     """
 
-    def __init__(self, arch="resnet50", dim=128, T=0.07, mlp=False, bn_splits=1):
+    def __init__(self, arch="resnet50", dim=128, T=0.07, mlp=False, bn_splits=1, shuffle_keys=True):
         super().__init__()
-        self.T = T
+        self.T, self.shuffle_keys = T, shuffle_keys
         self.encoder_q = build_encoder(arch, dim, mlp, bn_splits)
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, index=None):
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
-        # Shuffling BN within the rank: a permutation puts each key in another BN group
-        # than its query (with bn_splits > 1). Across ranks a shuffle would need a
-        # differentiable all-to-all, so with one BN group per rank use moco.bn=sync.
-        perm = torch.randperm(im_k.shape[0], device=im_k.device)
-        k = F.normalize(self.encoder_q(im_k[perm]), dim=1)[torch.argsort(perm)]  # NxC, with grad
-        k_all = _gather_keep_local_grad(k)  # (world*N)xC
-        logits = q @ k_all.T / self.T  # Nx(world*N): the positive is this rank's diagonal
+        q = normalized(self.encoder_q(im_q))  # NxC
+        if self.shuffle_keys:
+            # Shuffling BN as for MoCo's keys (across ranks, and across BN groups within a
+            # rank), but differentiable: the keys' gradients travel back to the rank that
+            # encoded them (pretrain/shuffle.py).
+            im_k, plan = shuffle.shuffle(im_k)
+            k = normalized(shuffle.unshuffle(self.encoder_q(im_k), plan))  # NxC, with grad
+        else:
+            k = normalized(self.encoder_q(im_k))
+        # Every rank's loss uses every rank's keys: their gradients are summed back to the
+        # rank that computed each key, so the ranks together get the gradient of the mean loss.
+        k_all = dist.all_gather_with_grad(k)  # (world*N)xC
+        with full_precision(q.device.type):
+            logits = q @ k_all.T / self.T  # Nx(world*N): the positive is this rank's diagonal
         labels = dist.get_rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
         return logits, labels
 
@@ -71,13 +76,14 @@ class MemoryBank(nn.Module):
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor = None, index: torch.Tensor = None):
         # InstDisc encodes one view: the positive is the image's stored feature, so the
         # key view is not needed (TwoCrops repeats the query view rather than augmenting one).
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
+        q = normalized(self.encoder_q(im_q))  # NxC, fp32
         negatives = torch.randint(self.bank.shape[0], (self.K,), device=q.device)
-        dist.broadcast(negatives, src=0)  # the same negatives on every rank (rank 0's RNG is saved)
+        dist.broadcast(negatives, src=0)  # the same negatives on every rank
         # Indexing copies, so the in-place bank update below cannot reach autograd.
-        l_pos = torch.einsum("nc,nc->n", q, self.bank[index].to(q.dtype)).unsqueeze(-1)  # Nx1
-        l_neg = torch.einsum("nc,kc->nk", q, self.bank[negatives].to(q.dtype))  # NxK
-        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        with full_precision(q.device.type):
+            l_pos = torch.einsum("nc,nc->n", q, self.bank[index].float()).unsqueeze(-1)  # Nx1
+            l_neg = torch.einsum("nc,kc->nk", q, self.bank[negatives].float())  # NxK
+            logits = torch.cat([l_pos, l_neg], dim=1) / self.T
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         self._update_bank(q.detach(), index)
         return logits, labels
@@ -93,24 +99,15 @@ class MemoryBank(nn.Module):
         self.bank[ids] = features
 
 
-def _gather_keep_local_grad(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows, with gradient through this rank's own rows only (the other
-    ranks' rows are constants here; their own ranks back-propagate through them and
-    DDP averages the gradients)."""
-    if dist.get_world_size() == 1:
-        return x
-    n, rank = x.shape[0], dist.get_rank()
-    gathered = dist.all_gather_no_grad(x.detach())
-    return torch.cat([gathered[:rank * n], x, gathered[(rank + 1) * n:]])
-
-
 def build_contrastive(cfg, num_images: int, bn_splits: int) -> nn.Module:
     """The model for cfg.moco.dictionary; the only place that reads the config."""
     m = cfg.moco
+    shuffle_keys = m.bn == "shuffle"
     if m.dictionary == "queue":
-        return MoCo(cfg.model.arch, m.dim, m.queue_size, m.momentum, m.temperature, m.mlp, bn_splits)
+        return MoCo(cfg.model.arch, m.dim, m.queue_size, m.momentum, m.temperature, m.mlp, bn_splits,
+                    shuffle_keys)
     if m.dictionary == "end_to_end":
-        return EndToEnd(cfg.model.arch, m.dim, m.temperature, m.mlp, bn_splits)
+        return EndToEnd(cfg.model.arch, m.dim, m.temperature, m.mlp, bn_splits, shuffle_keys)
     return MemoryBank(cfg.model.arch, m.dim, num_images, m.queue_size, m.temperature, m.mlp,
                       bn_splits, m.bank_momentum)
 

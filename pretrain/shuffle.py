@@ -6,8 +6,15 @@ back to the rank that owns its image. The official code does both moves with
 all_gather, so every rank receives all world x n images and keeps n of them.
 `shuffle`/`unshuffle` do the same moves with one all_to_all_single each: a rank
 receives only the n images it encodes (1/world of the all_gather bytes) and the
-results are identical. `gather_shuffle`/`gather_unshuffle` are the official
+results are identical. Both are differentiable (mocobench.dist.all_to_all sends the
+gradients back the way the rows came), so end-to-end training, whose keys carry gradients,
+shuffles BN across ranks too. `gather_shuffle`/`gather_unshuffle` are the official
 all_gather form, kept as the reference for tests and benchmarks.
+
+The permutation is drawn and the exchange planned on the CPU (a few hundred integers),
+so no step waits for the GPU: all_to_all_single needs its row counts on the host, and
+reading them from a GPU tensor would stall the step until the query forward is done.
+Only the row indices travel to the device, without a sync.
 
 At world size 1 the shuffle is a local permutation (it still matters when the
 batch is split into BN groups, see SplitBatchNorm).
@@ -15,7 +22,6 @@ batch is split into BN groups, see SplitBatchNorm).
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as torch_dist
 
 from mocobench import dist
 
@@ -30,28 +36,23 @@ class ShufflePlan:
     recv_counts: list[int]  # rows received from each rank
 
 
-def _permutation(n_global: int, device) -> torch.Tensor:
-    # Drawn on every rank (so every rank's RNG advances alike), then rank 0's wins.
-    idx = torch.randperm(n_global, device=device)
+def _permutation(n_global: int) -> torch.Tensor:
+    # Drawn on every rank (so every rank's RNG advances alike), then rank 0's wins; on the
+    # CPU, a bookkeeping collective (mocobench/dist.py: gloo beside NCCL on GPUs).
+    idx = torch.randperm(n_global)
     return dist.broadcast(idx, src=0)
 
 
-def _exchange(x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
-    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
-    torch_dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts)
-    return out
-
-
-@torch.no_grad()
 def shuffle(x: torch.Tensor):
     """This rank's n images of the shuffled global batch, and the plan to undo it.
-    Every rank must pass the same number of images."""
+    Every rank must pass the same number of images. Gradients flow back through it."""
     world, rank, n = dist.get_world_size(), dist.get_rank(), x.shape[0]
-    idx_shuffle = _permutation(world * n, x.device)
+    idx_shuffle = _permutation(world * n)
     if world == 1:
-        return x[idx_shuffle], ShufflePlan(idx_shuffle, idx_shuffle, [n], idx_shuffle, [n])
+        idx = _to(x.device, idx_shuffle)
+        return x[idx], ShufflePlan(idx, idx, [n], idx, [n])
     owner = idx_shuffle // n  # the rank that holds each global image
-    encoder = torch.arange(world, device=x.device).repeat_interleave(n)  # who encodes position i
+    encoder = torch.arange(world).repeat_interleave(n)  # who encodes position i
     # To each rank r, in r's order, the images of mine it encodes.
     mine = owner == rank
     send_index = idx_shuffle[mine] - rank * n  # ordered by position, hence grouped by encoder
@@ -60,19 +61,26 @@ def shuffle(x: torch.Tensor):
     wanted = owner[rank * n:(rank + 1) * n]
     recv_order = torch.argsort(wanted, stable=True)
     recv_counts = torch.bincount(wanted, minlength=world).tolist()
-    received = _exchange(x[send_index], send_counts, recv_counts)
+    send_index, recv_order = _to(x.device, send_index, recv_order)
+    received = dist.all_to_all(x[send_index], send_counts, recv_counts)
     out = torch.empty_like(x)  # n rows too, and keeps x's memory format (channels_last)
     out[recv_order] = received
     return out, ShufflePlan(idx_shuffle, send_index, send_counts, recv_order, recv_counts)
 
 
-@torch.no_grad()
+def _to(device, *indices: torch.Tensor):
+    """CPU index tensors on `device`, without waiting for it (an asynchronous copy)."""
+    moved = [t.to(device, non_blocking=True) for t in indices]
+    return moved[0] if len(moved) == 1 else moved
+
+
 def unshuffle(x: torch.Tensor, plan: ShufflePlan) -> torch.Tensor:
-    """Rows of the shuffled batch (e.g. keys) back to the rank and order of their images."""
+    """Rows of the shuffled batch (e.g. keys) back to the rank and order of their images.
+    Gradients flow back through it."""
     if dist.get_world_size() == 1:
         return x[torch.argsort(plan.idx_shuffle)]
     # The shuffle's exchange run backwards: what I received goes back to its sender.
-    back = _exchange(x[plan.recv_order], plan.recv_counts, plan.send_counts)
+    back = dist.all_to_all(x[plan.recv_order], plan.recv_counts, plan.send_counts)
     out = torch.empty_like(x)
     out[plan.send_index] = back
     return out
@@ -83,7 +91,7 @@ def gather_shuffle(x: torch.Tensor):
     """The official all_gather shuffle (moco/builder.py `_batch_shuffle_ddp`), same permutation."""
     x_all = dist.all_gather_no_grad(x)
     world, rank = dist.get_world_size(), dist.get_rank()
-    idx_shuffle = _permutation(x_all.shape[0], x.device)
+    idx_shuffle = _to(x.device, _permutation(x_all.shape[0]))
     return x_all[idx_shuffle.view(world, -1)[rank]], torch.argsort(idx_shuffle)
 
 

@@ -21,13 +21,23 @@ from pathlib import Path
 
 import yaml
 
-from mocobench.config import load_config
+from mocobench.config import configs_dir, load_config
 from mocobench.errors import UserError, cli
 from mocobench.fileio import atomic_json
 from pretrain.config import PretrainConfig, check
 
-KNN_CONFIG = "configs/linear/fashion_mnist_demo.yaml"
+KNN_CONFIG = "linear/fashion_mnist_demo.yaml"  # in the suite's configs (installed or checkout)
 POINT = "sweep_point.json"
+
+
+def default_knn_config() -> Path:
+    return configs_dir() / KNN_CONFIG
+
+
+def _device_type() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
@@ -212,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="key=v1,v2,...",
                    help="a config key and its values; several --grid make a cartesian product")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun); default 1")
-    p.add_argument("--knn-config", default=KNN_CONFIG, help=f"transfer knn config (default {KNN_CONFIG})")
+    p.add_argument("--knn-config", default=None, help=f"transfer knn config (default: the shipped configs/{KNN_CONFIG})")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides shared by every run")
     return p
 
@@ -224,11 +234,10 @@ def main(argv=None) -> list[dict]:
     todo = points(grid)
     for point in todo:  # refuse a bad key or an inconsistent point before any run starts
         overrides = args.overrides + [f"{k}={v}" for k, v in point.items()]
-        check(load_config(PretrainConfig, args.config, overrides), args.nproc)
-    if not Path(args.knn_config).exists() and args.knn_config == KNN_CONFIG:
-        args.knn_config = str(Path(__file__).resolve().parents[1] / KNN_CONFIG)  # from the repo
-    if not Path(args.knn_config).exists():
-        raise UserError(f"--knn-config {args.knn_config} does not exist; pass a transfer knn config")
+        check(load_config(PretrainConfig, args.config, overrides), args.nproc, _device_type())
+    knn_config = str(args.knn_config or default_knn_config())
+    if not Path(knn_config).is_file():
+        raise UserError(f"--knn-config {knn_config} does not exist; pass a transfer knn config")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     statuses = {}
@@ -236,7 +245,7 @@ def main(argv=None) -> list[dict]:
         name = slug(point)
         print(f"[{i}/{len(todo)}] {name} ...", flush=True)
         statuses[name] = run_point(args.config, args.overrides, point, out / name, args.nproc,
-                                   args.knn_config)
+                                   knn_config)
         print(f"[{i}/{len(todo)}] {name}: {statuses[name]}", flush=True)
     rows = collect(out)
     write_summary(out, rows)

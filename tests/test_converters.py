@@ -12,8 +12,9 @@ import torch
 import torchvision
 
 from mocobench.errors import UserError
-from converters import build_resnet, load_backbone, to_detectron2, to_mmseg, to_torchvision
+from converters import build_resnet, load_backbone, read_checkpoint, to_detectron2, to_mmseg, to_torchvision
 from converters import archs
+from converters.reader import Placeholder
 from mocobench.fileio import PRETRAIN_CHECKPOINT_FORMAT as PRETRAIN_FORMAT
 from converters.names import d2_to_tv, tv_to_d2
 
@@ -278,6 +279,10 @@ def test_truncated_pickle_is_one_line(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match=r"checkpoint .*nope.pth not found"):
         load_backbone(tmp_path / "nope.pth")
+    with pytest.raises(UserError, match=r"cannot read checkpoint .*nope.pth \(No such file or directory\)"):
+        read_checkpoint(tmp_path / "nope.pth")  # the public reader on its own, too
+    with pytest.raises(UserError, match=rf"cannot read checkpoint {tmp_path} \(Is a directory\)"):
+        read_checkpoint(tmp_path)
 
 
 def test_explicit_arch_must_match(tmp_path):
@@ -290,17 +295,18 @@ def test_explicit_arch_must_match(tmp_path):
 
 
 def test_partial_or_misshapen_backbone_is_refused(tmp_path):
+    as_r18 = "read as a resnet18 backbone,"
     sd = _random_resnet("resnet18", 0)
     del sd["layer3.1.bn2.running_var"]
-    with pytest.raises(UserError, match=r"is missing resnet18 backbone keys \(1\): layer3.1.bn2.running_var"):
+    with pytest.raises(UserError, match=rf"{as_r18} is missing 1 key\(s\): layer3.1.bn2.running_var; refusing"):
         load_backbone(_tv_file(tmp_path, sd))
     sd = _random_resnet("resnet18", 0)
     sd["conv1.weight"] = torch.zeros(64, 4, 7, 7)
-    with pytest.raises(UserError, match=r"has wrong shapes resnet18 backbone keys \(1\): conv1.weight"):
+    with pytest.raises(UserError, match=rf"{as_r18} has wrong shapes for 1 key\(s\): conv1.weight; refusing"):
         load_backbone(_tv_file(tmp_path, sd))
     sd = _random_resnet("resnet18", 0)
     sd["layer1.0.se.weight"] = torch.zeros(1)
-    with pytest.raises(UserError, match=r"has unexpected resnet18 backbone keys \(1\): layer1.0.se.weight"):
+    with pytest.raises(UserError, match=rf"{as_r18} has unexpected 1 key\(s\): layer1.0.se.weight; refusing"):
         load_backbone(_tv_file(tmp_path, sd))
     sd = _random_resnet("resnet18", 0)
     sd["attnpool.proj.weight"] = torch.zeros(1)
@@ -308,19 +314,164 @@ def test_partial_or_misshapen_backbone_is_refused(tmp_path):
         load_backbone(_tv_file(tmp_path, sd))
 
 
-def test_pickled_objects_need_allow_pickle(tmp_path):
+def test_pickled_objects_load_as_inert_placeholders(tmp_path):
     import argparse
 
     sd = _random_resnet("resnet18", 0)
-    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.03)}, tmp_path / "ns.pth")
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.03, root=Path("/data/a b"))}, tmp_path / "ns.pth")
     payload = _official_moco_pkl(sd)
     payload["cfg"] = argparse.Namespace(lr=0.03)
     with open(tmp_path / "ns.pkl", "wb") as f:
         pickle.dump(payload, f)
     for name in ("ns.pth", "ns.pkl"):
-        with pytest.raises(UserError, match=r"contains pickled Python objects \(argparse.Namespace\).*--allow-pickle"):
+        bb = load_backbone(tmp_path / name)  # no --allow-pickle needed: making an object runs nothing
+        assert bb.arch == "resnet18"
+        assert bb.meta["pickle"] == {"outside_allow_list": ["argparse.Namespace"], "ran_code": False}
+    args = read_checkpoint(tmp_path / "ns.pth").obj["args"]
+    assert isinstance(args, Placeholder) and args.pickled_global == "argparse.Namespace"
+    assert args.pickled_state == {"lr": 0.03, "root": Path("/data/a b")}  # its data is kept, inert
+
+
+class _RunsCode:
+    """What a malicious checkpoint holds: unpickling it calls os.system (posix.system)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def _code_running_files(tmp_path, sd):
+    marker = tmp_path / "code ran"
+    torch.save({"state_dict": sd, "hook": _RunsCode(marker)}, tmp_path / "evil.pth")
+    payload = _official_moco_pkl(sd)
+    payload["hook"] = _RunsCode(marker)
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump(payload, f)
+    # The call's result need not be kept: called, then popped, before the real payload.
+    cmd = f"touch '{marker}'".encode()
+    with open(tmp_path / "popped.pkl", "wb") as f:
+        f.write(b"\x80\x02cposix\nsystem\nX" + len(cmd).to_bytes(4, "little") + cmd + b"\x85R0"
+                + pickle.dumps(_official_moco_pkl(sd), protocol=2)[2:])
+    return marker, ["evil.pth", "evil.pkl", "popped.pkl"]
+
+
+def test_a_code_running_pickle_is_named_and_never_runs_without_the_flag(tmp_path):
+    sd = _random_resnet("resnet18", 0)
+    marker, names = _code_running_files(tmp_path, sd)
+    with open(tmp_path / "popped.pkl", "rb") as f:
+        pickle.load(f)
+    assert marker.exists()  # the files really run code when Python's pickle loads them
+    for name in names:
+        marker.unlink(missing_ok=True)
+        with pytest.raises(UserError, match=rf"checkpoint {tmp_path / name} would run code when loaded: its pickle "
+                                            r"calls posix.system; nothing was run\. .*--allow-pickle") as e:
             load_backbone(tmp_path / name)
-        assert load_backbone(tmp_path / name, allow_pickle=True).arch == "resnet18"
+        assert "\n" not in str(e.value) and "corrupt" not in str(e.value)
+        assert not marker.exists()
+        bb = load_backbone(tmp_path / name, allow_pickle=True)  # the user's informed choice: it runs
+        assert marker.exists() and bb.meta["pickle"]["ran_code"] is True
+        _assert_same_backbone(bb.state_dict, sd, counters=name == "evil.pth")
+
+
+class _CustomTensor(torch.Tensor):
+    """A tensor type only its own code can rebuild."""
+
+
+def test_tensors_only_code_can_rebuild_need_the_flag(tmp_path):
+    sd = _random_resnet("resnet18", 0)
+    sd["conv1.weight"] = sd["conv1.weight"].as_subclass(_CustomTensor)
+    torch.save(sd, tmp_path / "sub.pth")
+    with pytest.raises(UserError, match=r"holds objects that only their own code can rebuild \([\w.]*_CustomTensor: .*"
+                                        r"nothing was run\. If you trust the file, pass --allow-pickle"):
+        load_backbone(tmp_path / "sub.pth")
+    bb = load_backbone(tmp_path / "sub.pth", allow_pickle=True)
+    assert bb.meta["pickle"]["ran_code"] and torch.equal(bb.state_dict["conv1.weight"], sd["conv1.weight"])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_archive_is_named(tmp_path):
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "scripted.pt"))
+    for allow in (False, True):
+        with pytest.raises(UserError, match=r"is a TorchScript archive \(torch.jit.save\).*model.state_dict\(\)"):
+            load_backbone(tmp_path / "scripted.pt", allow_pickle=allow)
+
+
+def test_a_pickled_whole_model_is_named(tmp_path):
+    torch.save(torchvision.models.resnet18(), tmp_path / "model.pth")
+    with pytest.raises(UserError, match=r"holds a pickled torchvision.models.resnet.ResNet object, not a dict of "
+                                        r"tensors; save its state_dict\(\)"):
+        load_backbone(tmp_path / "model.pth")
+
+
+def test_a_checkpoint_saved_on_gpus_reads_on_a_cpu(tmp_path, monkeypatch):
+    import torch.serialization
+
+    sd = _random_resnet("resnet18", 0)
+    with monkeypatch.context() as m:  # what torch.save records for tensors that live on a GPU
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save({"state_dict": sd}, tmp_path / "gpu.pth")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):  # the file really says cuda:0
+            torch.load(tmp_path / "gpu.pth", weights_only=True)
+    bb = load_backbone(tmp_path / "gpu.pth")
+    assert bb.state_dict["conv1.weight"].device.type == "cpu"
+    _assert_same_backbone(bb.state_dict, sd)
+
+
+def _mmselfsup_1x_checkpoint(sd, path):
+    """What an mmselfsup 1.x (mmengine Runner) checkpoint holds: meta, state_dict and a REAL
+    MessageHub's state (HistoryBuffers with numpy arrays and numpy scalars), plus the MessageHub
+    itself as older mmengine runs saved it."""
+    from mmengine.logging import MessageHub
+
+    hub = MessageHub.get_instance("moco-bench-test")
+    for step in range(3):
+        hub.update_scalar("train/loss", np.float32(6.0 - step))
+        hub.update_scalar("train/lr", np.float64(0.03))
+    hub.update_info("iter", np.int64(300))
+    obj = {"meta": {"epoch": 200, "iter": 250200, "seed": np.int64(0), "mmengine_version": "0.10.7",
+                    "cfg": "model = dict(type='MoCo')", "dataset_meta": {"classes": ("a", "b")}},
+           "state_dict": {**{f"backbone.{k}": v for k, v in _backbone(sd).items()}, **_mlp_head(sd, "neck.mlp.")},
+           "message_hub": hub.state_dict(), "message_hub_object": hub,
+           "optimizer": {"state": {}, "param_groups": [{"lr": np.float64(0.03), "params": [0, 1]}]},
+           "param_schedulers": [{"T_max": 200, "eta_min": 0.0}]}
+    torch.save(obj, path)
+    return path
+
+
+def test_mmselfsup_1x_checkpoint_with_a_real_message_hub_converts_running_nothing(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mmengine", reason="mmengine not installed (pip install mmengine==0.10.7)")
+    from mmengine.logging import HistoryBuffer, MessageHub
+
+    from converters.__main__ import main
+
+    sd = _random_resnet("resnet18", 0)
+    path = _mmselfsup_1x_checkpoint(sd, tmp_path / "mmselfsup_1x.pth")
+    marker = tmp_path / "mmengine code ran"
+
+    def setstate(self, state):  # what unpickling these objects for real calls
+        marker.touch()
+
+    monkeypatch.setattr(HistoryBuffer, "__setstate__", setstate)
+    monkeypatch.setattr(MessageHub, "__setstate__", setstate, raising=False)
+    torch.load(path, weights_only=False)
+    assert marker.exists()  # the marker works: Python's pickle runs mmengine's code
+    marker.unlink()
+
+    bb = load_backbone(path)
+    assert not marker.exists()  # nothing of mmengine ran
+    assert (bb.layout, bb.arch, bb.meta["pickle"]["ran_code"]) == ("mmselfsup", "resnet18", False)
+    assert {"mmengine.logging.history_buffer.HistoryBuffer", "mmengine.logging.message_hub.MessageHub"} \
+        <= set(bb.meta["pickle"]["outside_allow_list"])
+    _assert_same_backbone(bb.state_dict, sd)
+    main(["detectron2", str(path), str(tmp_path / "out.pkl"), "--no-verify"])
+    assert "inert placeholders (mmengine.logging.history_buffer.HistoryBuffer" in capsys.readouterr().out
+    assert load_backbone(tmp_path / "out.pkl").arch == "resnet18"
+    assert not marker.exists()
+    hub = read_checkpoint(path).obj["message_hub"]["log_scalars"]["train/loss"]
+    assert list(hub.pickled_state["_log_history"]) == [6.0, 5.0, 4.0]  # its data is there, inert
 
 
 def test_writer_refusals_leave_no_file(tmp_path, monkeypatch):
@@ -338,7 +489,8 @@ def test_writer_refusals_leave_no_file(tmp_path, monkeypatch):
     real = writers.detectron2_state_dict
     monkeypatch.setattr(writers, "detectron2_state_dict",
                         lambda b: {k: v for k, v in real(b).items() if k != "res4.1.conv2.weight"})
-    with pytest.raises(UserError, match=r"1 missing keys \(res4.1.conv2.weight\); refusing"):
+    with pytest.raises(UserError, match=r"Detectron2 file for resnet18 is missing 1 key\(s\): res4.1.conv2.weight; "
+                                        r"refusing to write it"):
         to_detectron2(bb, tmp_path / "partial.pkl", verify=False)
     assert not (tmp_path / "partial.pkl").exists()
     assert not list(tmp_path.glob(".partial.pkl*"))
@@ -359,6 +511,85 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], res.stderr
         assert not (tmp_path / "out.pth").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: far too small for any ResNet."""
+    mnt = tmp_path / "small disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}); needs root or a user namespace")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_write_that_fills_the_disk_is_one_line_and_leaves_nothing(small_disk, tmp_path, monkeypatch):
+    import converters.writers as writers
+
+    bb = load_backbone(_tv_file(tmp_path))
+    # As if the disk filled up after the folder was checked: the real writers meet the real full disk.
+    monkeypatch.setattr(writers, "prepare_output", lambda *args, **kwargs: None)
+    for fmt, name in (("detectron2", "out.pkl"), ("mmseg", "out.pth"), ("torchvision", "tv.pth")):
+        with pytest.raises(UserError, match=rf"cannot write {small_disk / name} \((No space left on device|the write "
+                                            rf"failed with 0\.\d MiB free there)\); free disk space") as e:
+            writers.CONVERTERS[fmt](bb, small_disk / name, verify=False)
+        assert "\n" not in str(e.value)
+        assert list(small_disk.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_the_command_holds_its_output_folders_lock(tmp_path):
+    hold = ("import sys, time; from mocobench.fileio import prepare_output; prepare_output(sys.argv[1], 'test'); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "out")], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        src = _tv_file(tmp_path)
+        res = _run_cli("torchvision", src, tmp_path / "out" / "r18.pth", "--no-verify")
+        assert res.returncode == 2 and f"is in use by pid {holder.pid}" in res.stderr, res.stderr
+        assert not (tmp_path / "out" / "r18.pth").exists()
+        # A library caller (a transfer task's rank writing into the folder its run holds) does not contend.
+        to_torchvision(load_backbone(src), tmp_path / "out" / "r18.pth", verify=False)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _converters_modules():
+    return sorted((ROOT / "converters").glob("*.py"))
+
+
+def test_converters_modules_import_in_one_direction():
+    """No module of converters imports (even lazily, inside a function) one that imports it back."""
+    import ast
+
+    graph = {}
+    for path in _converters_modules():
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("converters"):
+                names.add(node.module)
+                names.update(f"converters.{a.name}" for a in node.names if node.module == "converters")
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names if a.name.startswith("converters"))
+        graph[f"converters.{path.stem}"] = {n for n in names if n != "converters"}
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
+
+    cycles = [m for m in graph if m != "converters.__init__" and reaches(m, m)]
+    assert not cycles, {m: graph[m] for m in cycles}
+
+
+def test_no_converters_function_is_over_80_lines():
+    import ast
+
+    long = [f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in _converters_modules() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert not long, long
 
 
 def test_import_is_lazy():
@@ -382,11 +613,11 @@ def test_detectron2_numeric_equivalence(source, tmp_path):
 
 def test_detectron2_check_catches_stride_in_1x1(tmp_path, monkeypatch):
     pytest.importorskip("detectron2", reason="detectron2 not installed (built from its git repository)")
-    import converters.writers as writers
+    import converters.verify as verify
 
     bb = load_backbone(write_layout("torchvision", "resnet50", _random_resnet("resnet50", 1), tmp_path / "t.pth"))
-    real = writers.detectron2_settings
-    monkeypatch.setattr(writers, "detectron2_settings",
+    real = verify.detectron2_settings  # the settings Detectron2's backbone is built with
+    monkeypatch.setattr(verify, "detectron2_settings",
                         lambda b: {**real(b), "MODEL.RESNETS.STRIDE_IN_1X1": True})
     with pytest.raises(UserError, match=r"Detectron2 backbone output differs from torchvision's"):
         to_detectron2(bb, tmp_path / "out.pkl")

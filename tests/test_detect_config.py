@@ -3,16 +3,14 @@
 The expected values are the spec (MoCo paper Sec. 4.2 and facebookresearch/moco@7397dfe
 detection/configs; Detectron2's 1x/2x schedules; mmselfsup's FPN benchmark configs), not results.
 """
-import importlib.util
 from pathlib import Path
 
 import pytest
+from helpers import NEEDS_DETECTRON2
 
 from mocobench.errors import UserError
 from transfer.detect import config as dcfg
 
-HAS_D2 = importlib.util.find_spec("detectron2") is not None
-NEEDS_D2 = pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed (built from source, optional)")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
 
 RGB = {  # moco detection/configs/*_moco.yaml: torchvision weights, RGB input
@@ -94,7 +92,7 @@ def test_paper_configs_hold_the_protocol(name):
     _check(dcfg.load(CONFIGS / f"{name}.yaml"), PROTOCOL[name], name)
 
 
-@NEEDS_D2
+@NEEDS_DETECTRON2
 @pytest.mark.parametrize("name", sorted(PROTOCOL))
 def test_detectron2_reads_the_same_values(name):
     from transfer.detect.d2_engine import build_cfg, plain
@@ -114,7 +112,7 @@ def test_detectron2_reads_the_same_values(name):
         assert dcfg.get(d2, key) == value, f"{name}: {key} differs between the engines' readers"
 
 
-@NEEDS_D2
+@NEEDS_DETECTRON2
 def test_torchvision_defaults_are_detectron2_defaults():
     import yaml
     from detectron2.config import get_cfg
@@ -128,9 +126,22 @@ def test_torchvision_defaults_are_detectron2_defaults():
             else:
                 yield f"{prefix}{k}", v
 
+    ours = dcfg.load(CONFIGS / "Base-RCNN-C4-BN.yaml")  # through yacs: tuples read back as lists
+    base = dcfg.read_chain(CONFIGS / "Base-RCNN-C4-BN.yaml")[-1][1]
     for key, value in walk(dcfg.DEFAULTS):
+        if key in set(walk_keys(base)):
+            continue  # set by the file, not a default
+        value = dcfg.get(ours, key)
         assert dcfg.get(d2, key) == pytest.approx(value) if isinstance(value, float) else \
             dcfg.get(d2, key) == value, key
+
+
+def walk_keys(node, prefix=""):
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from walk_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
 
 
 def test_every_shipped_config_loads():
@@ -139,24 +150,47 @@ def test_every_shipped_config_loads():
         assert cfg["MODEL"]["META_ARCHITECTURE"] == "GeneralizedRCNN", path.name
 
 
-def test_overrides_and_errors():
+def test_overrides_and_errors(tmp_path):
     path = CONFIGS / "pascal_voc_R_50_C4_24k.yaml"
-    cfg = dcfg.load(path, ["SOLVER.MAX_ITER", "10", "INPUT.MIN_SIZE_TRAIN", "(64, 96)", "SOLVER.BASE_LR", "1"])
+    cfg = dcfg.load(path, ["SOLVER.MAX_ITER", "10", "INPUT.MIN_SIZE_TRAIN", "(64, 96)", "SOLVER.BASE_LR", "1.0"])
     assert cfg["SOLVER"]["MAX_ITER"] == 10 and cfg["INPUT"]["MIN_SIZE_TRAIN"] == [64, 96]
     assert cfg["SOLVER"]["BASE_LR"] == 1.0 and isinstance(cfg["SOLVER"]["BASE_LR"], float)
+    assert cfg["SOLVER"]["STEPS"] == [18000, 22000]  # the file's value, not the default's
     with pytest.raises(UserError, match="KEY VALUE pairs"):
         dcfg.load(path, ["SOLVER.MAX_ITER"])
-    with pytest.raises(UserError, match="MODEL.RESNETS.DEFORM_ON_PER_STAGE is not a key the torchvision "
+    with pytest.raises(UserError, match="MODEL.RESNETS.DEFORM_ON_PER_STAGE, not a key the torchvision "
                                         "engine implements.*--engine detectron2"):
         dcfg.load(path, ["MODEL.RESNETS.DEFORM_ON_PER_STAGE", "[True, True, True, True]"])
-    with pytest.raises(UserError, match="SOLVER.MAX_ITER should be a int"):
+    # yacs' (and so Detectron2's) rule: an int is not a float; both engines refuse it alike
+    with pytest.raises(UserError, match="override: Type mismatch.*SOLVER.BASE_LR.*e.g. 1.0 for a float"):
+        dcfg.load(path, ["SOLVER.BASE_LR", "1"])
+    with pytest.raises(UserError, match="Type mismatch.*SOLVER.MAX_ITER"):
         dcfg.load(path, ["SOLVER.MAX_ITER", "many"])
     with pytest.raises(UserError, match="does not exist"):
         dcfg.load(CONFIGS / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("_BASE_: Base-RCNN-C4-BN.yaml\nMODEL:\n  NOPE: 1\n")
+    (tmp_path / "Base-RCNN-C4-BN.yaml").write_text((CONFIGS / "Base-RCNN-C4-BN.yaml").read_text())
+    with pytest.raises(UserError, match=f"{bad}: Non-existent config key: MODEL.NOPE, not a key"):
+        dcfg.load(bad)
+
+
+@NEEDS_DETECTRON2
+def test_both_readers_refuse_an_int_for_a_float():
+    from transfer.detect.d2_engine import build_cfg
+
+    with pytest.raises(UserError, match="Type mismatch"):
+        build_cfg(CONFIGS / "pascal_voc_R_50_C4_24k.yaml", ["SOLVER.BASE_LR", "1"])
+
+
+def test_explicit_keys_follow_the_base_chain_and_the_overrides():
+    keys = dcfg.explicit_keys(CONFIGS / "demo_scenes_voc_R18_FPN.yaml", ["SOLVER.BASE_LR", "0.1"])
+    assert {"MODEL.ROI_HEADS.NUM_CLASSES", "MODEL.RESNETS.NORM", "SOLVER.BASE_LR", "DATASETS.SCENES.N_TRAIN"} <= keys
+    assert "MODEL.RPN.NMS_THRESH" not in keys
 
 
 def test_torchvision_engine_refuses_what_it_does_not_implement():
-    from transfer.detect.tv_engine import check_config
+    from transfer.detect.tv_model import check_config
 
     path = CONFIGS / "pascal_voc_R_50_C4_24k.yaml"
     assert check_config(dcfg.load(path)) == "c4"
@@ -171,7 +205,7 @@ def test_weights_must_match_the_config():
     import torchvision
 
     from converters import Backbone
-    from transfer.detect import check_weights_match
+    from transfer.detect.weights import check_weights_match
 
     sd = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
     bb = Backbone("resnet18", sd, "torchvision", {})

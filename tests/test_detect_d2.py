@@ -119,11 +119,28 @@ def moco_r18(tmp_path_factory):
 
 
 def test_voc_layout_train_and_evaluate(moco_r18, tmp_path):
+    from transfer import outcomes
+    from transfer.detect import metrics
+
     r = _run(CONFIGS / "demo_scenes_voc_R18_FPN.yaml", moco_r18, tmp_path)
     assert r["engine"] == "detectron2" and r["protocol"]["name"] == "demo_scenes_voc_R18_FPN"
     assert set(r["metrics"]) == {"AP", "AP50", "AP75"}
-    assert all(math.isfinite(v) and 0 <= v <= 100 for v in r["metrics"].values())
     assert r["dataset"]["splits"] == {"scenes_voc_train": 8, "scenes_voc_val": 4}
+    # Scored as Detectron2's VOC evaluator (tests/test_detect_metrics.py), from outcomes it kept.
+    assert r["outcomes"]["metric"] == "voc07" and "VOC07 11-point" in r["protocol"]["metric"]["AP50"]
+    saved = outcomes.load(tmp_path / "results.json", r)
+    assert metrics.score(saved["ground_truth"], saved["detections"], "voc07") == pytest.approx(r["metrics"])
+    p = r["protocol"]
+    assert p["schedule"]["iterations"] == 2 and p["model"]["norm"] == "BN"  # what ran
+    assert "MODEL.WEIGHTS" not in p["model"]["config"] and "OUTPUT_DIR" not in p["schedule"]["config"]
+    # The torchvision engine on the same config: the same data, metric and inputs, another protocol.
+    from transfer.detect import main
+
+    main(["--config", str(CONFIGS / "demo_scenes_voc_R18_FPN.yaml"), "--weights", str(moco_r18),
+          "--output", str(tmp_path / "tv"), "--engine", "torchvision", *TINY])
+    tv = read_results(tmp_path / "tv" / "results.json")["protocol"]
+    assert tv["dataset"] == p["dataset"] and tv["metric"] == p["metric"] and tv["input"] == p["input"]
+    assert tv["engine"] == "torchvision" and tv["id"] != p["id"]
     assert r["weights"]["layout"] == "moco-official"
     run = r["config"]["RUN"]
     assert "MODEL.RESNETS.NORM SyncBN -> BN at world size 1" in run["norm"]
@@ -138,6 +155,7 @@ def test_coco_layout_mask_rcnn_train_and_evaluate(moco_r18, tmp_path):
     assert set(r["metrics"]) == {"AP", "AP50", "AP75", "mask_AP", "mask_AP50", "mask_AP75"}
     assert all(math.isfinite(v) for v in r["metrics"].values())
     assert r["dataset"]["splits"] == {"scenes_coco_train": 8, "scenes_coco_val": 4}
+    assert r["outcomes"]["metric"] == "coco"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
@@ -149,3 +167,12 @@ def test_multi_process_needs_gpus(moco_r18, tmp_path, capsys):
               "--output", str(tmp_path), "--engine", "detectron2", "--num-gpus", "2"])
     assert e.value.code == 2
     assert "needs one CUDA GPU per process" in capsys.readouterr().err
+
+
+def test_random_weights(tmp_path):
+    from transfer.detect import main
+
+    main(["--config", str(CONFIGS / "demo_scenes_voc_R18_FPN.yaml"), "--weights", "random", "--arch", "resnet18",
+          "--output", str(tmp_path), "--engine", "detectron2", *TINY])
+    r = read_results(tmp_path / "results.json")
+    assert r["weights"]["layout"] == "random" and r["config"]["RUN"]["arch"] == "resnet18"

@@ -147,3 +147,33 @@ def test_colour_on_the_device_keeps_the_moco_loss():
     other_draws = torch.stack([half.recipe.draw() for _ in range(16)])
     other = loss(colour_batch(pixels, other_draws, half.recipe, MEAN, STD))
     assert abs(other - loss(in_workers)) > 3e-2 * loss(in_workers)
+
+
+def _plan_inputs(n=32, size=32):
+    torch.manual_seed(0)
+    half = WorkerHalf("v2", size)
+    params = torch.stack([half.recipe.draw() for _ in range(n)])
+    assert params[:, JITTER].sum() > 0 and params[:, GRAY].sum() > 0 and params[:, BLUR].sum() > 0
+    return half.recipe, params
+
+
+def test_device_half_never_reads_device_data_on_the_host():
+    """The CPU proxy of "no host synchronisation": on the meta device nothing has data, so
+    any nonzero(), len() of a data-dependent result or .item() on the device fails; the plan
+    must come from the CPU parameter rows alone."""
+    recipe, params = _plan_inputs()
+    views = torch.empty(len(params), 3, 32, 32, dtype=torch.uint8, device="meta")
+    out = colour_batch(views, params, recipe, MEAN, STD)
+    assert out.device.type == "meta" and out.shape == views.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: counts real host syncs "
+                    "(the meta-device test above is the CPU proxy)")
+def test_device_half_on_cuda_makes_no_synchronising_call():
+    recipe, params = _plan_inputs()
+    views = torch.randint(0, 256, (len(params), 3, 32, 32), dtype=torch.uint8, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        colour_batch(views, params, recipe, MEAN, STD)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

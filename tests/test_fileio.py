@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import fill, mount_tmpfs, unmount
 from mocobench.errors import UserError
 from mocobench.fileio import (atomic_json, atomic_torch_save, lock_output, prepare_output,
                               remove_stale_temporaries, sha256_file)
@@ -65,36 +66,16 @@ def test_an_output_inside_a_regular_file_is_one_line(tmp_path):
         prepare_output(tmp_path / "f" / "out", "results")
 
 
-def _mount_tiny_tmpfs(where: Path) -> None:
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or r.returncode}); "
-                    "the full-disk path needs root or a user namespace")
-
-
-def _fill(path: Path) -> None:
-    """Write `path` until the file system is full."""
-    try:
-        with open(path, "wb") as f:
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
-    except OSError:
-        pass
-
-
 @pytest.fixture
 def full_fs(tmp_path):
     """A really full file system (a 256 KiB tmpfs, filled), unmounted afterwards."""
     mnt = tmp_path / "full"
-    _mount_tiny_tmpfs(mnt)
+    mount_tmpfs(mnt, "256k")
     try:
-        _fill(mnt / "filler")
+        fill(mnt / "filler")
         yield mnt
     finally:
-        subprocess.run(["umount", "-l", str(mnt)])
+        unmount(mnt)
 
 
 def test_a_really_full_disk_is_found_by_the_write_probe(full_fs):
@@ -109,7 +90,7 @@ def test_a_save_that_hits_a_full_disk_keeps_the_previous_file(full_fs):
     (full_fs / "filler").unlink()
     atomic_torch_save({"w": torch.zeros(10)}, target)  # fits
     before = sha256_file(target)
-    _fill(full_fs / "filler2")  # full again
+    fill(full_fs / "filler2")  # full again
     with pytest.raises(Exception):  # torch raises RuntimeError from its zip writer
         atomic_torch_save({"w": torch.zeros(100_000)}, target)
     assert sha256_file(target) == before

@@ -2,9 +2,11 @@
 autocast, the all_to_all shuffle (on two gloo processes) and the foreach momentum
 update. Two training steps each, so the options also see updated weights and queue
 (bf16: the first step only, see its test)."""
+import json
 import os
 from contextlib import nullcontext
 
+import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 
 from pretrain import shuffle
 from pretrain.builder import MoCo
-from test_pretrain import free_port
+from helpers import free_port
 
 STEPS = 2
 
@@ -88,3 +90,45 @@ def test_all_to_all_shuffle_keeps_the_loss_on_two_processes(tmp_path):
     for rank in (0, 1):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(r["all_to_all"], r["all_gather"]), r
+
+
+# ---------------------------------------------------------------- benchmarks/gpu_smoke
+def _smoke(argv, capsys):
+    from benchmarks import gpu_smoke
+
+    with pytest.raises(SystemExit) as e:
+        gpu_smoke.main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return e.value.code, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_gpu_smoke_refuses_in_one_line_without_a_gpu(capsys):
+    code, err = _smoke([], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: benchmarks.gpu_smoke needs a CUDA GPU")
+
+
+def test_gpu_smoke_refuses_a_missing_official_source(tmp_path, capsys):
+    code, err = _smoke(["--device", "cpu", "--tiny", "--official-source", str(tmp_path / "builder.py")], capsys)
+    assert code == 2 and len(err) == 1 and "--official-source" in err[0] and "is not a file" in err[0]
+
+
+def test_gpu_smoke_runs_end_to_end_at_toy_sizes_on_cpu_labelled_as_no_gpu_measurement(tmp_path, capsys):
+    from benchmarks import gpu_smoke
+
+    official = tmp_path / "builder.py"
+    official.write_text("raise SystemExit('the official builder is not imported on a CPU')\n")
+    report = gpu_smoke.main(["--device", "cpu", "--tiny", "--official-source", str(official),
+                             "--output", str(tmp_path / "smoke.json")])
+    assert json.loads((tmp_path / "smoke.json").read_text()) == report
+    assert report["what"].startswith("NOT a GPU measurement")
+    rows = {r["figure"]: r for r in report["rows"]}
+    for name in ("ours, fp32", "ours, bf16 + channels_last", "pretrain loop, colour on the worker",
+                 "pretrain loop, colour on the device"):
+        assert rows[name]["value"] > 0, name
+    ratio = rows["pretrain loop, colour on the device / worker"]["value"]
+    assert ratio == pytest.approx(rows["pretrain loop, colour on the device"]["value"]
+                                  / rows["pretrain loop, colour on the worker"]["value"])
+    assert "skipped" in rows["official builder, fp32"]["note"]
+    printed = capsys.readouterr().out
+    assert "NOT a GPU measurement" in printed and "| ours, fp32" in printed

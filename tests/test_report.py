@@ -1,240 +1,527 @@
-"""report: tables from hand-written results.json fixtures (tests/fixtures/results/).
+"""report: tables from results.json fixtures (tests/fixtures/results/, written by
+tests/fixtures/make_results.py with per-example outcomes and full protocol records).
 
-Expected cells are recomputed here from the fixture files themselves (mean,
-sample std, delta of the printed numbers), never pasted from report output.
+Expected cells are recomputed here from the fixture files themselves (mean, sample std,
+delta of the printed numbers, scipy's Welch test, the suite's mean and rank), never pasted
+from report output.
 """
+import copy
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mocobench.errors import UserError
 from transfer import report as rp
+from transfer import report_render, report_tables
 from transfer.paper_numbers import ANCHORS
-from transfer.results import read_results, write_results
+from transfer.results import protocol_record, read_results, write_results
 
 FIX = Path(__file__).parent / "fixtures" / "results"
 GOOD = FIX / "good"
+LEGACY = FIX / "legacy"
 
 
-def fixture_runs(*subdirs):
-    """(label, engine / protocol) -> list of metric dicts of ok runs, read with plain json."""
+def fixture_runs(*subdirs, root=GOOD):
+    """label -> list of (metrics, seed) of ok runs, and label -> record of others, read with
+    plain json."""
     runs, not_ok = {}, {}
     for sub in subdirs:
-        for p in sorted((GOOD / sub).rglob("results.json")):
+        for p in sorted((root / sub).rglob("results.json")):
             r = json.loads(p.read_text())
-            key = (r["weights"]["label"], f"{r['engine']} / {r['protocol']['name']}")
             if r.get("status", "ok") == "ok":
-                runs.setdefault(key, []).append(r["metrics"])
+                runs.setdefault(r["weights"]["label"], []).append(r["metrics"])
             else:
-                not_ok[key] = r
+                not_ok[r["weights"]["label"]] = r
     return runs, not_ok
 
 
-def expected_cell(values, base_values=None, digits=1):
-    mean = statistics.fmean(values)
-    text = f"{mean:.{digits}f}"
-    if len(values) > 1:
-        text += f"±{statistics.stdev(values):.{digits}f}"
-    if base_values is not None:
-        # the delta of the printed numbers, as the paper prints it
-        d = float(f"{mean:.{digits}f}") - float(f"{statistics.fmean(base_values):.{digits}f}")
-        d = round(d, digits) + 0.0
-        text += f" ({d:+.{digits}f})"
-    return text
+def printed(x, digits=1):
+    return float(f"{x:.{digits}f}")
 
 
-def table_for(tables, task, dataset):
-    (t,) = [t for t in tables if t["task"] == task and t["dataset"] == dataset]
+def table_for(tables, task, dataset, name=None):
+    (t,) = [t for t in tables if t["kind"] == "results" and t["task"] == task and t["dataset"] == dataset
+            and (name is None or t["protocol"].get("name") == name)]
     return t
 
 
-def row(table, label, setting=None):
-    (r,) = [r for r in table["rows"] if r["label"] == label and (setting is None or r["setting"] == setting)]
+def row(table, label):
+    (r,) = [r for r in table["rows"] if r["label"] == label]
     return r
 
 
 @pytest.fixture(scope="module")
 def tables():
-    return rp.build_tables(rp.load_results([GOOD]))
+    return rp.build_tables(rp.load_results([GOOD]), bootstrap=300)
 
 
-def test_linear_deltas_mean_std_and_mixed_protocols(tables):
-    t = table_for(tables, "linear", "fashion-mnist")
-    runs, _ = fixture_runs("linear_fast", "linear_paper")
-    assert t["mixed_settings"] and t["settings"] == ["sklearn / fast", "torch / paper"]
-    header, body = rp.table_rows(t)
-    assert header[:3] == ["pretraining", "engine / protocol", "runs"]
-    checked = 0
-    for (label, setting), metric_dicts in runs.items():
-        base = runs[("supervised (same data)", setting)]  # baseline of the same protocol only
-        r = row(t, label, setting)
+# ----------------------------------------------------------------------------- cells
+
+def test_mean_std_and_deltas_of_the_printed_numbers(tables):
+    t = table_for(tables, "linear", "fashion-mnist", "fast")
+    runs, _ = fixture_runs("linear_fast")
+    base = runs["supervised (same data)"]
+    for label, metric_dicts in runs.items():
+        r = row(t, label)
         assert r["runs"] == len(metric_dicts)
         for m in ("top1", "top5"):
             vals = [d[m] for d in metric_dicts]
-            is_base = label == "supervised (same data)"
-            want = expected_cell(vals, None if is_base else [d[m] for d in base])
-            assert r["cells"][m]["text"] == want, (label, setting, m)
-            assert r["cells"][m]["mean"] == pytest.approx(statistics.fmean(vals))
-            checked += 1
-        assert [label, setting, str(len(metric_dicts))] in [line[:3] for line in body]
-    assert checked == 12
-    # three seeds of MoCo v2 under the fast protocol: mean ± std shown
-    assert "±" in row(t, "MoCo v2 demo", "sklearn / fast")["cells"]["top1"]["text"]
-    assert "±" not in row(t, "MoCo v2 demo", "torch / paper")["cells"]["top1"]["text"]
+            cell = r["cells"][m]
+            assert cell["mean"] == pytest.approx(statistics.fmean(vals))
+            assert cell["std"] == (pytest.approx(statistics.stdev(vals)) if len(vals) > 1 else None)
+            assert cell["text"].startswith(f"{statistics.fmean(vals):.1f}"
+                                           + (f"±{statistics.stdev(vals):.1f}" if len(vals) > 1 else ""))
+            if label != "supervised (same data)":
+                base_mean = statistics.fmean([d[m] for d in base])
+                want = round(printed(statistics.fmean(vals)) - printed(base_mean), 1)
+                assert cell["delta"] == pytest.approx(want)
+                assert f"({want:+.1f} [" in cell["text"]
+    assert row(t, "MoCo v2 demo")["variance"] == "3 fine-tuning seeds"
+    assert row(t, "random init")["variance"] == "1 run"
 
 
-def test_missing_row_is_shown_with_its_reason(tables):
-    t = table_for(tables, "linear", "fashion-mnist")
+def test_every_row_with_outcomes_gets_an_interval_around_its_value(tables):
+    for t in (t for t in tables if t["kind"] == "results"):
+        assert not any("no interval for" in n for n in t["notes"]), t["notes"]  # identity held
+        for r in t["rows"]:
+            for m, c in r["cells"].items():
+                if r["kind"] == "ours" and r["status"] == "ok" and c["ci"] is not None:
+                    lo, hi = c["ci"]
+                    assert lo <= c["mean"] + 1e-9 and c["mean"] - 1e-9 <= hi, (t["title"], r["label"], m)
+                    assert f"[{lo:.1f}, {hi:.1f}]" in c["text"]
+    seg = table_for(tables, "segment", "fmnist-scenes")
+    assert all(row(seg, label)["cells"]["mIoU"]["ci"] for label in ("random init", "MoCo v2 demo"))
+
+
+def test_delta_whose_interval_contains_zero_is_marked_not_significant(tables):
+    seen = {True: 0, False: 0}
+    for t in (t for t in tables if t["kind"] == "results"):
+        for r in t["rows"]:
+            for c in r["cells"].values():
+                if c.get("delta_ci") is None:
+                    continue
+                contains = c["delta_ci"][0] <= 0 <= c["delta_ci"][1]
+                assert c["significant"] is (not contains and (c["seed_p"] is None or c["seed_p"] < 0.05))
+                assert ("n.s." in c["text"]) is (c["significant"] is False)
+                seen[contains] += 1
+    assert seen[True] and seen[False]  # the fixtures hold both kinds
+    coco = table_for(tables, "detect", "demo_scenes_coco_val")
+    moco = [c for c in row(coco, "MoCo v1 demo")["cells"].values() if c["delta"] is not None]
+    if all(c["significant"] is False for c in moco):
+        assert any("no significant difference from the baseline at this scale" in n for n in coco["notes"])
+
+
+def test_delta_interval_is_paired_on_the_same_redraws():
+    """The table's delta interval is that of (row - baseline) on the SAME redraws of the test
+    images, recomputed here from the outcome files; it is far narrower than pairing each row
+    with independent redraws would give (the rows share which images are hard)."""
+    from transfer import outcomes
+    from transfer.uncertainty import percentile_ci, resamples
+
+    (t,) = rp.build_tables(rp.load_results([GOOD / "segment_demo"]), bootstrap=400, seed=7)
+    ev = {}
+    for name in ("moco_v2", "supervised"):
+        path = GOOD / "segment_demo" / name / "results.json"
+        ev[name] = outcomes.read(path, json.loads(path.read_text()))
+    n = len(ev["moco_v2"].keys)
+
+    def draws(e, seed):
+        return np.concatenate([e.evaluate(w, {"mIoU": "mIoU"})["mIoU"] for w in resamples(n, 400, seed)])
+
+    paired = percentile_ci(draws(ev["moco_v2"], 7) - draws(ev["supervised"], 7))
+    unpaired = percentile_ci(draws(ev["moco_v2"], 7) - draws(ev["supervised"], 8))
+    cell = row(t, "MoCo v2 demo")["cells"]["mIoU"]
+    assert cell["delta_ci"] == pytest.approx(paired)
+    assert paired[1] - paired[0] < 0.5 * (unpaired[1] - unpaired[0])
+
+
+def test_charts_mark_not_significant_deltas_and_draw_the_intervals(tables):
+    from matplotlib.figure import Figure
+
+    coco = table_for(tables, "detect", "demo_scenes_coco_val")
+    ax = Figure().add_subplot(1, 1, 1)
+    rows = [r for r in coco["rows"] if r["status"] == "ok"]
+    report_render._bars(ax, coco, rows, 0.4)
+    texts = [a.get_text() for a in ax.texts]
+    marked = [c for r in rows for m, c in r["cells"].items() if c["significant"] is False]
+    assert sum(t.endswith(" n.s.") for t in texts) == len(marked) > 0
+    caps = [line for line in ax.lines if len(line.get_xdata()) == len(rows[0]["cells"])]
+    assert ax.collections and caps  # error bars are drawn
+
+
+def test_seed_test_is_welch_over_the_fixture_runs(tables):
+    from scipy import stats
+
+    t = table_for(tables, "linear", "fashion-mnist", "fast")
+    runs, _ = fixture_runs("linear_fast")
+    moco = [d["top1"] for d in runs["MoCo v2 demo"]]
+    sup = [d["top1"] for d in runs["supervised (same data)"]]
+    cell = row(t, "MoCo v2 demo")["cells"]["top1"]
+    assert cell["seed_p"] == pytest.approx(stats.ttest_ind(moco, sup, equal_var=False).pvalue)
+    assert f", p={cell['seed_p']:.2g}" in cell["text"]
+    assert row(t, "random init")["cells"]["top1"]["seed_p"] is None  # one run: no seed test
+
+
+def test_every_table_says_what_its_uncertainty_covers(tables):
+    t = table_for(tables, "linear", "fashion-mnist", "fast")
+    (note,) = [n for n in t["notes"] if n.startswith("uncertainty: ")]
+    for part in ("MoCo v2 demo over 3 fine-tuning seeds", "1 run, no training-randomness estimate: random init",
+                 "each row's weights are 1 pretraining run", "300 bootstrap redraws of the 2000 test images"):
+        assert part in note
+    for t in (t for t in tables if t["kind"] == "results"):
+        assert sum(n.startswith("uncertainty: ") for n in t["notes"]) == 1
+
+
+def test_pretraining_seeds_are_told_from_fine_tuning_seeds(tmp_path):
+    src = GOOD / "linear_fast"
+    for name in ("supervised_s0", "moco_v2_s0", "moco_v2_s1"):
+        shutil.copytree(src / name, tmp_path / name)
+    r = json.loads((tmp_path / "moco_v2_s1/results.json").read_text())
+    r["weights"]["sha256"] = "f" * 64  # another pretraining, same label
+    (tmp_path / "moco_v2_s1/results.json").write_text(json.dumps(r))
+    (t,) = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
+    assert row(t, "MoCo v2 demo")["variance"] == "2 pretraining runs"
+    assert "MoCo v2 demo over 2 pretraining runs" in t["notes"][0]
+    assert "no test-set interval (--bootstrap 0)" in t["notes"][0]
+
+
+def test_bootstrap_is_seeded_and_can_be_turned_off():
+    records = rp.load_results([GOOD / "knn"])
+    a, b = (rp.build_tables(records, bootstrap=200, seed=s)[0] for s in (1, 1))
+    c = rp.build_tables(records, bootstrap=200, seed=2)[0]
+    cell = lambda t: row(t, "MoCo v2 demo")["cells"]["knn_top1"]  # noqa: E731
+    assert cell(a)["ci"] == cell(b)["ci"] != cell(c)["ci"]
+    off = rp.build_tables(records, bootstrap=0)[0]
+    assert cell(off)["ci"] is None and "[" not in cell(off)["text"]
+    with pytest.raises(UserError, match="--bootstrap -1 is negative"):
+        rp.build_tables(records, bootstrap=-1)
+
+
+def test_outcomes_that_do_not_give_the_reported_metric_get_no_interval(tmp_path):
+    shutil.copytree(GOOD / "knn", tmp_path / "knn")
+    path = tmp_path / "knn/moco_v2/results.json"
+    r = json.loads(path.read_text())
+    r["metrics"]["knn_top1"] += 1.0  # results.json no longer what its outcomes say
+    path.write_text(json.dumps(r))
+    (t,) = rp.build_tables(rp.load_results([tmp_path]), bootstrap=100)
+    moco = row(t, "MoCo v2 demo")["cells"]["knn_top1"]
+    assert moco["ci"] is None and moco["delta_ci"] is None and moco["significant"] is None
+    assert any(n.startswith("MoCo v2 demo (seed 0): its outcomes give knn_top1") and "no interval" in n
+               for n in t["notes"])
+    assert row(t, "random init")["cells"]["knn_top1"]["ci"] is not None
+
+
+def test_rows_scored_on_other_images_are_not_paired(tmp_path):
+    shutil.copytree(GOOD / "knn", tmp_path / "knn")
+    folder = tmp_path / "knn/random"
+    with np.load(folder / "outcomes.npz") as z:
+        arrays = dict(z)
+    arrays["ids"] = np.array([f"other/{i}" for i in range(len(arrays["ids"]))])
+    np.savez_compressed(folder / "outcomes.npz", **arrays)
+    (t,) = rp.build_tables(rp.load_results([tmp_path]), bootstrap=100)
+    assert row(t, "random init")["cells"]["knn_top1"]["ci"] is None
+    assert any(n.startswith("random init: its outcomes are not of the same test images") for n in t["notes"])
+
+
+def test_missing_and_failed_rows_with_their_reasons(tables):
+    t = table_for(tables, "linear", "fashion-mnist", "fast")
     _, not_ok = fixture_runs("linear_fast")
-    (key, rec), = not_ok.items()
-    r = row(t, *key)
+    (label, rec), = not_ok.items()
+    r = row(t, label)
     assert r["status"] == "missing" and r["runs"] == 0
     assert all(c["text"] == "missing" for c in r["cells"].values())
     assert any(rec["reason"] in n for n in t["notes"])
-    grid = rp.render([t], "grid")
-    assert key[0] in grid and "missing" in grid and rec["reason"] in grid
-    # a missing supervised row must not become the default baseline
-    assert "baseline for sklearn / fast: supervised (same data)" in t["notes"]
+    assert "baseline: supervised (same data)" in t["notes"]  # a missing supervised row is no baseline
+    coco = table_for(tables, "detect", "demo_scenes_coco_val")
+    _, failed = fixture_runs("detect_coco")
+    (label, rec), = failed.items()
+    assert row(coco, label)["status"] == "failed" and any(rec["reason"] in n for n in coco["notes"])
 
 
-def test_failed_row_and_detectron2_mask_metrics(tables):
-    t = table_for(tables, "detect", "coco_2017_val")
-    runs, not_ok = fixture_runs("detect_coco")
-    assert t["metrics"] == ["AP50", "AP", "AP75", "mask_AP50", "mask_AP", "mask_AP75"]
-    base = runs[("supervised IN-1k (torchvision)", "detectron2 / coco_R_50_FPN_2x")][0]
-    moco = runs[("MoCo v1 200ep", "detectron2 / coco_R_50_FPN_2x")][0]
-    pairs = [("AP", "bbox/AP"), ("AP50", "bbox/AP50"), ("mask_AP", "segm/AP"), ("mask_AP75", "segm/AP75")]
-    for m, src in pairs:
-        assert row(t, "MoCo v1 200ep")["cells"][m]["text"] == expected_cell([moco[src]], [base[src]])
-    (key, _), = not_ok.items()
-    assert row(t, key[0])["status"] == "failed"
-    assert all(c["text"] == "failed" for c in row(t, key[0])["cells"].values())
+def test_a_row_that_never_ran_joins_its_tasks_table(tmp_path):
+    shutil.copytree(GOOD / "knn/random", tmp_path / "knn/random")
+    write_results(tmp_path / "knn/in1k", task="knn", dataset={"name": "", "splits": {}},
+                  weights={"path": None, "sha256": None, "label": "supervised IN-1k"}, engine="",
+                  protocol="", config={}, seed=0, wall_time_s=0.0, metrics={}, status="missing",
+                  reason="place the file")
+    tables = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
+    assert len(tables) == 1 and {r["label"] for r in tables[0]["rows"]} == {"random init", "supervised IN-1k"}
 
 
-def test_paper_rows_beside_paper_protocol(tables):
-    t = table_for(tables, "detect", "voc_2007_test")
-    (anchor,) = [a for a in ANCHORS if a["id"] == "voc_c4_24k"]
+# ----------------------------------------------------------------------------- protocols
+
+def _result(folder, protocol, label, metrics, sha="1", seed=0):
+    write_results(folder, task=protocol["task"], dataset={"name": protocol["dataset"]["name"],
+                  "splits": protocol["dataset"]["splits"]},
+                  weights={"path": f"/w/{label}.pth", "sha256": sha * 64, "label": label},
+                  engine=protocol["engine"], protocol=protocol, config={}, seed=seed,
+                  wall_time_s=1.0, metrics=metrics)
+
+
+def _published_protocol(anchor, **changes):
+    """A run's protocol record built from a published entry's spec, with `changes` applied
+    ("schedule.iterations": 2 sets one field)."""
+    spec = copy.deepcopy(anchor["protocol"])
+    for path, value in changes.items():
+        part, key = path.split(".", 1)
+        spec[part][key] = value
+    ds = {"name": "whatever it is called", "splits": spec["dataset"]["splits"],
+          "classes": spec["dataset"]["classes"], "fingerprint": "f"}
+    return protocol_record(name=anchor["names"][0], task=anchor["task"], engine=spec["engine"],
+                           metric={m: f"{p} definition" for m, p in spec["metric"].items()},
+                           schedule=spec["schedule"], input=spec["input"], dataset=ds,
+                           model=spec.get("model"))
+
+
+def _anchor(anchor_id):
+    (a,) = [a for a in ANCHORS if a["id"] == anchor_id]
+    return a
+
+
+@pytest.mark.parametrize("anchor", ANCHORS, ids=lambda a: a["id"])
+def test_published_rows_beside_a_protocol_that_matches_on_every_field(tmp_path, anchor):
+    protocol = _published_protocol(anchor)
+    metrics = {m: 50.0 for m in anchor["protocol"]["metric"]}
+    _result(tmp_path / "a", protocol, "supervised IN-1k", metrics)
+    (t,) = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
     paper = [r for r in t["rows"] if r["kind"] == "paper"]
     assert [r["label"] for r in paper] == list(anchor["rows"])
-    pbase = anchor["rows"][anchor["baseline"]]
-    for label, vals in anchor["rows"].items():
-        for m, v in vals.items():
-            want = expected_cell([v], None if label == anchor["baseline"] else [pbase[m]])
-            assert row(t, label)["cells"][m]["text"] == want
-    # our rows are compared with our supervised row, never with the paper's
-    runs, _ = fixture_runs("detect_voc")
-    ours = runs[("MoCo v1 200ep", "detectron2 / pascal_voc_R_50_C4_24k")]
-    sup = runs[("supervised IN-1k (torchvision)", "detectron2 / pascal_voc_R_50_C4_24k")]
-    assert row(t, "MoCo v1 200ep")["cells"]["AP"]["text"] == expected_cell(
-        [d["AP"] for d in ours], [d["AP"] for d in sup])
+    base = anchor["rows"].get(anchor["baseline"], {})
+    for r in paper:
+        for m, v in anchor["rows"][r["label"]].items():
+            mean = v[0] if isinstance(v, list) else v
+            text = f"{mean:.1f}" + (f"±{v[1]:.1f}" if isinstance(v, list) else "")
+            if base and r["label"] != anchor["baseline"]:
+                text += f" ({round(printed(mean) - printed(base[m]), 1):+.1f})"
+            assert r["cells"][m]["text"] == text
     assert any(anchor["source"] in n for n in t["notes"])
-    # the cell exactly as the MoCo detection README prints it (55.9 over supervised 53.5)
-    assert row(t, "paper: MoCo v1 200ep")["cells"]["AP"]["text"] == "55.9 (+2.4)"
 
 
-def test_no_paper_rows_for_demo_or_other_datasets(tables):
-    # linear "paper" protocol on Fashion-MNIST is not the paper's ImageNet setting
-    for task, ds in [("linear", "fashion-mnist"), ("segment", "fmnist-scenes"), ("knn", "fashion-mnist")]:
-        assert not [r for r in table_for(tables, task, ds)["rows"] if r["kind"] == "paper"]
+def test_the_moco_readme_cell_as_printed(tmp_path):
+    _result(tmp_path / "a", _published_protocol(_anchor("voc_c4_24k")), "MoCo v1", {"AP": 55.0})
+    (t,) = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
+    assert row(t, "paper: MoCo v1 200ep")["cells"]["AP"]["text"] == "55.9 (+2.4)"  # 55.9 over 53.5
 
 
-def test_paper_linear_rows_on_imagenet(tmp_path):
-    src = json.loads((GOOD / "linear_paper" / "moco_v2" / "results.json").read_text())
-    src["dataset"] = {"name": "imagenet", "splits": {"train": 1281167, "val": 50000}}
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "results.json").write_text(json.dumps(src))
-    (t,) = rp.build_tables(rp.load_results([tmp_path]))
-    r = row(t, "paper: MoCo v2 200ep")
-    assert r["cells"]["top1"]["text"] == "67.5±0.1" and r["cells"]["top5"]["text"] == rp.NO_VALUE
+@pytest.mark.parametrize("anchor_id, changes, named", [
+    # a 2-iteration run of pascal_voc_R_50_C4_24k
+    ("voc_c4_24k", {"schedule.iterations": 2}, ["schedule.iterations: 2 here, 24000 published"]),
+    # the torchvision engine scoring VOC with COCO's 101-point AP
+    ("voc_c4_24k", {"engine": "torchvision", "metric": {"AP50": "101-point", "AP": "101-point",
+                                                        "AP75": "101-point"}},
+     ["engine: torchvision here, detectron2 published",
+      "metric AP50: '101-point definition' here, published '11-point'"]),
+    # a 1-epoch paper-protocol linear run on a 16-image folder named imagenet
+    ("in1k_linear", {"schedule.epochs": 1, "dataset": {"splits": {"train": 16, "val": 16}, "classes": 2}},
+     ["schedule.epochs: 1 here, 100 published",
+      "dataset split sizes: [16, 16] here, [50000, 1281167] published",
+      "dataset classes: 2 here, 1000 published"]),
+    ("coco_c4_2x", {"input.min_size_test": 600}, ["input.min_size_test: 600 here, 800 published"]),
+])
+def test_a_shortened_or_retargeted_paper_config_gets_no_published_rows(tmp_path, anchor_id, changes, named):
+    anchor = _anchor(anchor_id)
+    simple = {k: v for k, v in changes.items() if "." in k}
+    protocol = _published_protocol(anchor, **simple)
+    if "engine" in changes or "metric" in changes or "dataset" in changes:
+        fields = {k: v for k, v in protocol.items() if k != "id"}
+        fields["engine"] = changes.get("engine", fields["engine"])
+        if "metric" in changes:
+            fields["metric"] = {m: f"{p} definition" for m, p in changes["metric"].items()}
+        if "dataset" in changes:
+            fields["dataset"] = {**fields["dataset"], **changes["dataset"], "name": "imagenet"}
+        protocol = protocol_record(**fields)
+    _result(tmp_path / "a", protocol, "MoCo", {m: 1.0 for m in anchor["protocol"]["metric"]})
+    (t,) = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
+    assert not [r for r in t["rows"] if r["kind"] == "paper"]
+    (note,) = [n for n in t["notes"] if n.startswith(f"no published rows ({anchor_id}")]
+    for text in named:
+        assert text in note
 
 
-def test_baseline_option_and_unknown_baseline():
-    records = rp.load_results([GOOD / "knn"])
-    (t,) = rp.build_tables(records, baseline="random init")
-    runs, _ = fixture_runs("knn")
-    rand = runs[("random init", "torch / knn")][0]["knn_top1"]
-    sup = runs[("supervised (same data)", "torch / knn")][0]["knn_top1"]
-    assert row(t, "supervised (same data)")["cells"]["knn_top1"]["text"] == expected_cell([sup], [rand])
-    assert row(t, "random init")["is_baseline"]
-    with pytest.raises(UserError, match=r"--baseline 'nope' matches no row; labels found: .*random init"):
-        rp.build_tables(records, baseline="nope")
+def test_two_runs_differing_only_in_iterations_land_in_different_tables(tmp_path):
+    base = json.loads((GOOD / "detect_voc/supervised/results.json").read_text())["protocol"]
+    fields = {k: v for k, v in base.items() if k != "id"}
+    longer = protocol_record(**{**fields, "schedule": {**fields["schedule"], "iterations": 600}})
+    _result(tmp_path / "a", protocol_record(**fields), "MoCo", {"AP50": 40.0})
+    _result(tmp_path / "b", longer, "MoCo", {"AP50": 45.0})
+    tables = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
+    assert len(tables) == 2 and len({t["title"] for t in tables}) == 2
+    for t in tables:
+        assert len(t["rows"]) == 1
+        assert any(n.startswith("not comparable with the") and "schedule.iterations" in n for n in t["notes"])
+        assert any(line.startswith("schedule: iterations ") for line in t["header"])
+    assert {t["rows"][0]["cells"]["AP50"]["mean"] for t in tables} == {40.0, 45.0}
 
 
-def test_digits_configurable():
-    (t,) = rp.build_tables(rp.load_results([GOOD / "segment_demo"]), digits=2)
-    runs, _ = fixture_runs("segment_demo")
-    moco = runs[("MoCo v2 demo", "mmseg / demo")][0]["mIoU"]
-    sup = runs[("supervised (same data)", "mmseg / demo")][0]["mIoU"]
-    assert row(t, "MoCo v2 demo")["cells"]["mIoU"]["text"] == expected_cell([moco], [sup], digits=2)
-    with pytest.raises(UserError, match="--digits 9 is out of range"):
-        rp.build_tables([], digits=9)
+def test_each_header_names_protocol_engine_and_defining_fields(tables):
+    t = table_for(tables, "detect", "demo_scenes_voc_test")
+    proto = json.loads((GOOD / "detect_voc/supervised/results.json").read_text())["protocol"]
+    head = "\n".join(t["header"])
+    assert f"protocol {proto['name']} [id {proto['id']}], engine detectron2" in head
+    assert "VOC07 11-point" in head and "iterations 300" in head and "test 60" in head
+    assert "min_size_test 128" in head and "5 classes" in head
+    grid = rp.render([t], "grid")
+    assert all(line in grid for line in t["header"])
 
+
+def test_legacy_protocols_are_grouped_by_name_and_get_no_published_rows():
+    tables = rp.build_tables(rp.load_results([LEGACY]), bootstrap=100)
+    names = sorted(t["protocol"]["name"] for t in tables)
+    assert names == ["fast", "pascal_voc_R_50_C4_24k"]
+    voc = next(t for t in tables if t["task"] == "detect")
+    assert "recorded by name only" in voc["header"][0]
+    assert not [r for r in voc["rows"] if r["kind"] == "paper"]
+    assert any("no published rows (voc_c4_24k" in n and "recorded by name only" in n for n in voc["notes"])
+    assert any("no per-example outcomes" in n for n in voc["notes"])
+
+
+def test_legacy_protocols_of_other_names_are_other_tables(tmp_path):
+    common = dict(task="detect", dataset={"name": "voc_2007_test", "splits": {"test": 4952}},
+                  engine="detectron2", config={}, seed=0, wall_time_s=1.0, metrics={"AP": 50.0})
+    for name in ("pascal_voc_R_50_C4_24k", "my_voc_R_50_FPN"):  # same engine and data, other configs
+        write_results(tmp_path / name, weights={"path": None, "sha256": None, "label": "MoCo"},
+                      protocol=name, **common)
+    tables = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
+    assert sorted(t["protocol"]["name"] for t in tables) == ["my_voc_R_50_FPN", "pascal_voc_R_50_C4_24k"]
+
+
+def test_paper_numbers_are_consistent_data():
+    from transfer.report_protocol import differences
+
+    for a in ANCHORS:
+        assert a["source"] and a["task"] in report_tables.TASK_METRICS and a["names"]
+        assert a["baseline"] is None or a["baseline"] in a["rows"]
+        assert {"engine", "metric", "schedule", "input", "dataset"} <= set(a["protocol"]) \
+            <= {"engine", "metric", "model", "schedule", "input", "dataset"}
+        assert {"splits", "classes"} <= set(a["protocol"]["dataset"])
+        for label, vals in a["rows"].items():
+            assert label.startswith("paper: ")
+            assert set(vals) <= set(a["protocol"]["metric"]), (a["id"], label)
+        assert differences(a["protocol"], _published_protocol(a)) == []
+        # no two published settings can be mistaken for each other (C4 vs FPN, 1x vs 2x)
+        for b in ANCHORS:
+            if b is not a and b["task"] == a["task"]:
+                assert differences(a["protocol"], _published_protocol(b)), (a["id"], b["id"])
+
+
+# ----------------------------------------------------------------------------- suite summary
+
+def test_suite_summary_mean_and_average_rank_from_the_fixtures(tables):
+    (s,) = [t for t in tables if t["kind"] == "summary"]
+    per_set = {}
+    for p in sorted((GOOD / "suite").rglob("results.json")):
+        r = json.loads(p.read_text())
+        metric = next(iter(r["protocol"]["metric"]))
+        per_set.setdefault(r["dataset"]["name"], {})[r["weights"]["label"]] = r["metrics"][metric]
+    assert len(s["headers"]) == len(per_set) + 2
+    for label in {lab for v in per_set.values() for lab in v}:
+        values = [per_set[ds][label] for ds in sorted(per_set)]
+        ranks = [1 + sorted(per_set[ds].values(), reverse=True).index(per_set[ds][label])
+                 for ds in sorted(per_set)]
+        r = row(s, label)
+        assert r["mean"] == pytest.approx(statistics.fmean(values))
+        assert r["avg_rank"] == pytest.approx(statistics.fmean(ranks))
+        assert r["cells"]["mean"]["text"] == f"{statistics.fmean(values):.1f}"
+    assert [r["avg_rank"] for r in s["rows"]] == sorted(r["avg_rank"] for r in s["rows"])
+    header, body = report_render.table_rows(s)
+    assert header[0] == "pretraining" and header[-2:] == ["mean", "avg rank"]
+
+
+def test_suite_summary_needs_a_value_in_every_column(tmp_path):
+    shutil.copytree(GOOD / "suite", tmp_path / "suite")
+    shutil.rmtree(tmp_path / "suite/dtd/MoCo_v2_800ep")
+    (s,) = [t for t in rp.build_tables(rp.load_results([tmp_path]), bootstrap=0) if t["kind"] == "summary"]
+    moco = row(s, "MoCo v2 800ep")
+    assert moco["mean"] is None and moco["cells"]["mean"]["text"] == report_tables.NO_VALUE
+    assert any("MoCo v2 800ep" in n and "every column" in n for n in s["notes"])
+
+
+# ----------------------------------------------------------------------------- formats and CLI
 
 def test_every_format_parses(tables):
-    rows = csv.reader(io.StringIO(rp.render(tables, "csv")))
-    header, *body = list(rows)
-    assert header[:6] == ["task", "dataset", "pretraining", "engine / protocol", "runs", "status"]
-    assert {"top-1", "kNN top-1", "AP50", "mask AP", "mIoU"} <= set(header)
+    body = list(csv.reader(io.StringIO(rp.render(tables, "csv"))))
+    header, body = body[0], body[1:]
+    assert header[:7] == ["task", "dataset", "protocol", "protocol id", "pretraining", "runs", "status"]
+    assert {"top-1", "kNN top-1", "AP50", "mask AP", "mIoU", "avg rank"} <= set(header)
     assert all(len(line) == len(header) for line in body)
     assert len(body) == sum(len(t["rows"]) for t in tables)
-    missing = [line for line in body if line[2] == "supervised ImageNet (torchvision)"]
-    assert missing[0][header.index("top-1")] == "missing"
-
     data = json.loads(rp.render(tables, "json"))
     assert [t["title"] for t in data["tables"]] == [t["title"] for t in tables]
-    lin = [t for t in data["tables"] if t["task"] == "linear"][0]
-    assert row(lin, "MoCo v2 demo", "sklearn / fast")["cells"]["top1"]["n"] == 3
-
     gh = rp.render(tables, "github")
     assert gh.count("### ") == len(tables) and "|---" in gh
     assert rp.render(tables, "latex").count("\\begin{tabular}") == len(tables)
     grid = rp.render(tables, "grid").splitlines()
     assert sum(line.startswith("+=") for line in grid) == len(tables)
-    assert all(t["title"] in grid for t in tables)
 
 
 def test_nan_metric_keeps_json_valid(tmp_path):
-    src = json.loads((GOOD / "knn" / "moco_v2" / "results.json").read_text())
+    src = json.loads((GOOD / "knn/moco_v2/results.json").read_text())
     src["metrics"]["knn_top1"] = None  # write_results writes an undefined metric as null
+    del src["outcomes"]
     (tmp_path / "n").mkdir()
-    (tmp_path / "n" / "results.json").write_text(json.dumps(src))
+    (tmp_path / "n/results.json").write_text(json.dumps(src))
     (t,) = rp.build_tables(rp.load_results([tmp_path]))
     assert t["rows"][0]["cells"]["knn_top1"]["text"] == "nan"
-    cell = json.loads(rp.render([t], "json"))["tables"][0]["rows"][0]["cells"]["knn_top1"]
-    assert cell["mean"] is None
+    assert json.loads(rp.render([t], "json"))["tables"][0]["rows"][0]["cells"]["knn_top1"]["mean"] is None
+
+
+def test_baseline_option_and_unknown_baseline():
+    records = rp.load_results([GOOD / "knn"])
+    (t,) = rp.build_tables(records, baseline="random init", bootstrap=0)
+    runs, _ = fixture_runs("knn")
+    rand, sup = runs["random init"][0]["knn_top1"], runs["supervised (same data)"][0]["knn_top1"]
+    assert row(t, "supervised (same data)")["cells"]["knn_top1"]["delta"] == pytest.approx(
+        round(printed(sup) - printed(rand), 1))
+    assert row(t, "random init")["is_baseline"]
+    with pytest.raises(UserError, match=r"--baseline 'nope' matches no row; labels found: .*random init"):
+        rp.build_tables(records, baseline="nope")
+    with pytest.raises(UserError, match="--digits 9 is out of range"):
+        rp.build_tables([], digits=9)
 
 
 def test_cli_writes_report_md_and_charts(tmp_path, capsys):
     work = tmp_path / "runs"
     shutil.copytree(GOOD, work)
     # overlapping folders: a run must not be counted twice
-    rp.main([str(work), str(work / "linear_fast"), "--format", "csv"])
+    rp.main([str(work), str(work / "linear_fast"), "--format", "csv", "--bootstrap", "50"])
     out, err = capsys.readouterr()
     body = list(csv.reader(io.StringIO(out)))[1:]
-    moco_fast = [line for line in body if line[2] == "MoCo v2 demo" and line[3] == "sklearn / fast"]
-    assert moco_fast[0][4] == "3"
+    moco_fast = [line for line in body if line[4] == "MoCo v2 demo" and line[2] == "fast"]
+    assert [line[5] for line in moco_fast] == ["3 fine-tuning seeds"]
     md = work / "report.md"  # default --output: the first DIR
     assert f"wrote {md}" in err
     text = md.read_text()
-    tables = rp.build_tables(rp.load_results([GOOD]))
+    tables = rp.build_tables(rp.load_results([GOOD]), bootstrap=0)
     for t in tables:
+        assert f"### {t['title']}" in text
+        if t["kind"] == "summary":
+            continue
         png = work / f"{rp.slug(t)}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         assert f"### {t['title']}" in text and f"]({png.name})" in text
-    assert "paper: MoCo v1 200ep" in text and "missing" in text
+    assert "suite · many-shot" in text and "missing" in text
 
 
 @pytest.mark.parametrize("make, match", [
     (lambda tmp: tmp / "empty", r"^error: no results\.json under .*empty; pass the --output folder"),
     (lambda tmp: tmp / "nowhere", r"^error: .*nowhere does not exist; pass folders holding results\.json"),
-    (lambda tmp: FIX / "bad" / "invalid", r"^error: .*invalid/results\.json: missing field 'metrics'"),
-    (lambda tmp: FIX / "bad" / "notjson", r"^error: .*notjson/results\.json is not valid JSON"),
+    (lambda tmp: FIX / "bad/invalid", r"^error: .*invalid/results\.json: missing field 'metrics'"),
+    (lambda tmp: FIX / "bad/notjson", r"^error: .*notjson/results\.json is not valid JSON"),
+    (lambda tmp: _bad(tmp, "3"), r"results\.json holds a number, not a results record"),
+    (lambda tmp: _bad(tmp, "null"), r"results\.json holds null, not a results record"),
+    (lambda tmp: _bad(tmp, bytes(range(256))), r"results\.json is not a text file"),
+    (lambda tmp: _bad_splits(tmp, [1, 2]),
+     r"dataset lacks 'splits', a mapping of split name to size, got a list"),
+    (lambda tmp: _bad_splits(tmp, {"test": "many"}), r"dataset split 'test' should have a number of images"),
+    (lambda tmp: _bad_outcomes(tmp), r"per-example outcomes of .* do not have the documented format"),
 ])
 def test_bad_input_gives_one_line(tmp_path, capsys, make, match):
     (tmp_path / "empty").mkdir()
@@ -243,8 +530,47 @@ def test_bad_input_gives_one_line(tmp_path, capsys, make, match):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
-    assert re.search(match, err.strip())
-    assert not (tmp_path / "out" / "report.md").exists()
+    assert re.search(match, err.strip()), err
+    assert not (tmp_path / "out/report.md").exists()
+
+
+def _bad(tmp, content):
+    p = tmp / "bad/results.json"
+    p.parent.mkdir(parents=True)
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return p.parent
+
+
+def _bad_splits(tmp, splits):
+    r = json.loads((GOOD / "knn/random/results.json").read_text())
+    r["dataset"]["splits"] = splits
+    return _bad(tmp, json.dumps(r))
+
+
+def _bad_outcomes(tmp):
+    shutil.copytree(GOOD / "knn/random", tmp / "bad")
+    np.savez_compressed(tmp / "bad/outcomes.npz", labels=np.zeros(5, np.int64),
+                        topk=np.zeros((4, 5), np.int64))  # 5 labels, 4 predictions
+    return tmp / "bad"
+
+
+def read_only_folder(tmp_path) -> Path:
+    """A folder no file can be created in: mode 555, or (root ignores modes) sysfs."""
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.access(out, os.W_OK):
+        return Path("/sys/kernel")
+    return out
+
+
+def test_read_only_output_is_one_line(tmp_path, capsys):
+    out = read_only_folder(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        rp.main([str(GOOD / "knn"), "--output", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(rf"^error: cannot write report in {out}", err), err
 
 
 def test_missing_status_round_trip_and_validation(tmp_path):
@@ -254,107 +580,9 @@ def test_missing_status_round_trip_and_validation(tmp_path):
     p = write_results(tmp_path / "a", status="missing", reason="place the file there", **common)
     rec = read_results(p)
     assert rec["status"] == "missing" and rec["reason"] == "place the file there"
-    # an ordinary result is unchanged: no status field, read as "ok"
     p = write_results(tmp_path / "b", **{**common, "metrics": {"top1": 1.0}})
     assert "status" not in read_results(p)
     with pytest.raises(UserError, match="status 'missing' needs a 'reason'"):
         write_results(tmp_path / "c", status="missing", **common)
     with pytest.raises(UserError, match="status 'gone' is not one of ok, missing, failed"):
         write_results(tmp_path / "d", status="gone", reason="x", **common)
-
-
-def test_two_published_settings_in_one_table(tmp_path):
-    # COCO FPN 2x and C4 2x results on one dataset: one table, each paper block beside its protocol
-    shutil.copytree(GOOD / "detect_coco", tmp_path / "fpn")
-    src = json.loads((GOOD / "detect_coco" / "moco_v1" / "results.json").read_text())
-    src["protocol"]["name"] = src["config"]["name"] = "coco_R_50_C4_2x"
-    src["metrics"] = {"AP": 40.1, "AP50": 60.2, "AP75": 43.5}
-    (tmp_path / "c4").mkdir()
-    (tmp_path / "c4" / "results.json").write_text(json.dumps(src))
-    (t,) = rp.build_tables(rp.load_results([tmp_path]))
-    assert t["mixed_settings"]
-    header, body = rp.table_rows(t)
-    assert header[1] == "engine / protocol"
-    paper = [(line[0], line[1]) for line in body if line[0].startswith("paper: ")]
-    assert len(paper) == len(set(paper)) == 4
-    assert {s for _, s in paper} == {"paper / coco_fpn_2x", "paper / coco_c4_2x"}
-    # our C4 run has no supervised C4 row to compare with: plain numbers and a note saying so
-    c4 = row(t, "MoCo v1 200ep", "detectron2 / coco_R_50_C4_2x")
-    assert c4["cells"]["AP"]["text"] == f"{src['metrics']['AP']:.1f}"
-    assert c4["cells"]["mask_AP"]["text"] == rp.NO_VALUE
-    assert any(n.startswith("no deltas for detectron2 / coco_R_50_C4_2x") for n in t["notes"])
-
-
-@pytest.mark.parametrize("task, protocol, dataset, anchor_id", [
-    ("detect", "pascal_voc_R_50_C4_24k", "voc_2007_test", "voc_c4_24k"),
-    ("detect", "coco_R_50_C4_1x", "coco_2017_val", "coco_c4_1x"),
-    ("detect", "coco_R_50_C4_2x", "coco_2017_val", "coco_c4_2x"),
-    ("detect", "coco_R_50_FPN_1x", "coco_2017_val", "coco_fpn_1x"),
-    ("detect", "coco_R_50_FPN_2x", "coco_2017_val", "coco_fpn_2x"),
-    # transfer/segment.py names the protocol after the schedule and the dataset separately
-    ("segment", "fcn_r50_d8_512x512_20k", "voc12aug", "voc_seg"),
-    ("segment", "fcn_r50_d8_769x769_40k", "cityscapes", "cityscapes_seg"),
-    ("linear", "paper", "imagenet", "in1k_linear"),
-    ("segment", "demo_fcn_r18_d8_64x64_300it", "fmnist-scenes", None),
-    ("detect", "pascal_voc_R_50_C4_24k_demo", "voc_2007_test", None),
-    ("linear", "fast", "imagenet", None),
-])
-def test_each_paper_protocol_matches_one_anchor(task, protocol, dataset, anchor_id):
-    record = {"task": task, "protocol": {"name": protocol}, "config": {}, "dataset": {"name": dataset}}
-    hits = [a["id"] for a in ANCHORS if rp._matches(a, record)]
-    assert hits == ([anchor_id] if anchor_id else [])
-
-
-def test_paper_numbers_are_consistent_data():
-    for a in ANCHORS:
-        assert a["source"] and a["task"] in rp.TASK_METRICS
-        assert a["baseline"] is None or a["baseline"] in a["rows"]
-        for label, vals in a["rows"].items():
-            assert label.startswith("paper: ")
-            assert set(vals) <= set(rp.TASK_METRICS[a["task"]]), (a["id"], label)
-
-
-def test_segmentation_paper_rows_carry_the_protocol_caveat(tmp_path):
-    for name in ("supervised", "moco_v2"):
-        src = json.loads((GOOD / "segment_demo" / name / "results.json").read_text())
-        src["dataset"]["name"], src["protocol"]["name"] = "voc12aug", "fcn_r50_d8_512x512_20k"
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps(src))
-    (t,) = rp.build_tables(rp.load_results([tmp_path]))
-    (voc,) = [a for a in ANCHORS if a["id"] == "voc_seg"]
-    mocov1, base = voc["rows"]["paper: MoCo v1 200ep"], voc["rows"][voc["baseline"]]
-    want = expected_cell([mocov1["mIoU"]], [base["mIoU"]])
-    assert row(t, "paper: MoCo v1 200ep")["cells"]["mIoU"]["text"] == want
-    assert row(t, "paper: MoCo v1 200ep")["cells"]["aAcc"]["text"] == rp.NO_VALUE
-    assert any("not directly comparable" in n for n in t["notes"])
-
-
-def test_torchvision_engine_on_a_paper_config_gets_a_caveat(tmp_path):
-    # transfer/detect names the protocol "<config stem>@torchvision" for its own engine
-    for name in ("supervised", "moco_v1_s0"):
-        src = json.loads((GOOD / "detect_voc" / name / "results.json").read_text())
-        src["engine"], src["protocol"]["name"] = "torchvision", "pascal_voc_R_50_C4_24k@torchvision"
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "results.json").write_text(json.dumps(src))
-    (t,) = rp.build_tables(rp.load_results([tmp_path]))
-    assert [r for r in t["rows"] if r["kind"] == "paper"]
-    assert any("measured with detectron2; rows run with torchvision are a different protocol" in n
-               for n in t["notes"])
-    (d2,) = rp.build_tables(rp.load_results([GOOD / "detect_voc"]))
-    assert not any("different protocol" in n for n in d2["notes"])
-
-
-def test_a_row_that_never_ran_joins_its_tasks_table(tmp_path):
-    """The bench writes a missing row without a data set (it never ran); the report shows
-    it in that task's table rather than in a table of its own."""
-    ran = dict(task="knn", dataset={"name": "fashion-mnist", "splits": {"train": 100, "val": 50}},
-               weights={"path": None, "sha256": None, "label": "random init"}, engine="torch",
-               protocol="knn", config={}, seed=0, wall_time_s=1.0, metrics={"knn_top1": 61.5})
-    write_results(tmp_path / "knn/random-init", **ran)
-    write_results(tmp_path / "knn/in1k", **{**ran, "dataset": {"name": "", "splits": {}},
-                  "weights": {"path": None, "sha256": None, "label": "supervised IN-1k"},
-                  "metrics": {}, "status": "missing", "reason": "place the file"})
-    tables = rp.build_tables(rp.load_results([tmp_path]))
-    assert len(tables) == 1 and tables[0]["dataset"] == "fashion-mnist"
-    assert {r["label"] for r in tables[0]["rows"]} == {"random init", "supervised IN-1k"}
-    assert not tables[0]["mixed_settings"]  # the row that never ran has no engine of its own

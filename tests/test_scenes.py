@@ -1,17 +1,16 @@
 """Fashion-MNIST scenes: composition rules, and every layout read back by the real readers."""
-import importlib.util
 import os
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+from helpers import NEEDS_DETECTRON2
 from PIL import Image
 
 from mocobench.data import fashion_mnist
 from mocobench.errors import UserError
 from transfer import scenes as sc
 
-HAS_D2 = importlib.util.find_spec("detectron2") is not None
 N_TRAIN, N_VAL = 6, 3
 
 
@@ -81,7 +80,7 @@ def test_voc_layout_parses_as_xml(demo):
             assert np.abs(np.asarray(im, np.int16) - s.image).mean() < 5  # JPEG quality 95, 4:4:4
 
 
-@pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed (built from source, optional)")
+@NEEDS_DETECTRON2
 def test_voc_layout_parses_with_detectron2(demo):
     from detectron2.data.datasets.pascal_voc import load_voc_instances
 
@@ -115,7 +114,7 @@ def test_coco_layout_parses_with_pycocotools(demo):
             assert np.array_equal(coco.annToMask(a).astype(bool), mask) and a["area"] == mask.sum()
 
 
-@pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed (built from source, optional)")
+@NEEDS_DETECTRON2
 def test_coco_layout_parses_with_detectron2(demo):
     from detectron2.data.datasets.coco import load_coco_json
     from detectron2.structures import polygons_to_bitmask
@@ -157,3 +156,18 @@ def test_errors_name_the_fix(tmp_path):
     (tmp_path / f"fmnist-scenes_v{sc.VERSION}_c128_n1-1_s0").mkdir()
     with pytest.raises(UserError, match="incomplete.*delete it"):
         sc.ensure_demo_scenes(tmp_path, 1, 1)
+
+
+def test_scenes_with_fewer_larger_objects_on_a_flat_background(tmp_path):
+    paths = sc.ensure_demo_scenes(tmp_path, 4, 2, seed=0, objects=(1, 2), scale=(1.5, 2.5), background="flat")
+    assert paths["root"].name.endswith("_o1-2_x1.5-2.5_bgflat")
+    scenes = sc.compose_scenes(6, seed=0, objects=(1, 2), scale=(1.5, 2.5), background="flat")
+    default = sc.compose_scenes(6, seed=0)
+    for s in scenes:
+        assert 1 <= len(s.labels) <= 2
+        background = s.image[~s.masks.any(0)].astype(float)
+        assert background.std(0).max() < 8  # one grey plus mild noise: no gradient
+    assert np.mean([(b[2] - b[0]) for s in scenes for b in s.boxes]) > \
+        np.mean([(b[2] - b[0]) for s in default for b in s.boxes])
+    with pytest.raises(UserError, match="background 'stripes' is not one of gradient, flat"):
+        sc.compose_scenes(1, background="stripes")

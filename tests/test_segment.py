@@ -173,7 +173,7 @@ def test_checkpoint_missing_backbone_keys_refused(tmp_path, scenes_root):
 
     path = tmp_path / "moco_holed.pth"
     _moco_checkpoint(path, drop=("layer4.1.bn2.",))
-    with pytest.raises(UserError, match=r"moco_holed\.pth is missing resnet18 backbone keys \(4\): "
+    with pytest.raises(UserError, match=r"moco_holed\.pth, read as a resnet18 backbone, is missing 4 key\(s\): "
                                         r"layer4\.1\.bn2\.weight.*refusing a partial load") as e:
         run(DEMO, path, tmp_path / "out", cfg_options=_tiny(scenes_root))
     assert "\n" not in str(e.value)

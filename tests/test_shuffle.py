@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from pretrain import shuffle
 from pretrain.builder import MoCo
-from test_pretrain import free_port
+from helpers import free_port
 
 
 

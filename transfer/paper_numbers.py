@@ -1,36 +1,66 @@
 """The MoCo papers' published transfer numbers (R50, ImageNet-1M pretraining), as data.
 
-Transcribed from /work/shared/NOTES-anchors.md section (c); each entry names its
-source. ``report`` puts these rows beside ours when a result's protocol is the
-one the numbers were measured with. Values are in percent, as published; a
-``[mean, std]`` pair is a mean over several trials with its spread.
+Each entry names its source and the full protocol its numbers were measured under (see
+docs/report.md, "Published rows"). ``report`` puts an entry's rows beside a table only when
+the table's protocol matches ``protocol`` on every defining field
+(transfer/report_protocol.py: differences); when a table's protocol is named as one of
+``names`` but differs, the table lists the fields that differ and shows no published rows.
+Values are in percent, as published; a ``[mean, std]`` pair is a mean over several trials
+with its spread.
 
-Matching: an entry applies to a result when ``task`` is equal, the regex
-``protocol`` (case-insensitive ``re.search``; None: any) matches the result's
-``protocol`` string or its config's ``name`` / ``config`` / ``config_file``
-string, and the regex ``dataset`` (None: any) matches the result's dataset name.
-A protocol containing "demo" never matches: demo scales are not the paper's.
-``engine`` (None: any) is what the paper used; a matching result from another
-engine (e.g. our torchvision detection engine) still gets the rows, with a note
-that they are not directly comparable.
-Detection protocols carry the Detectron2 config name (pascal_voc_R_50_C4_24k);
-segmentation results are matched on their dataset (voc12aug, cityscapes), as
-transfer/segment.py names protocols after the mmseg schedule only.
-
-Metric names are ours (see report.TASK_METRICS): box ``AP``/``AP50``/``AP75``,
+``protocol`` uses the vocabulary the tasks write into results.json's protocol record:
+engine; metric: {metric: a phrase its definition must contain} ("11-point" for the VOC07
+metric, "101-point" for COCO's; "" = any definition); model (detection: what Detectron2
+builds around the backbone, so C4 and FPN never match each other), schedule and input:
+values compared field by field (lr is the learning rate actually used, batch the global batch); dataset:
+split sizes (compared as a multiset, whatever the splits are called) and number of classes.
+Metric names are ours (see report_tables.TASK_METRICS): box ``AP``/``AP50``/``AP75``,
 mask ``mask_AP``/``mask_AP50``/``mask_AP75``.
 """
 
 MOCO_V1 = "arXiv:1911.05722 (MoCo v1 paper)"
+MOCO_REPO = "facebookresearch/moco @7397dfe"
+
+# Detectron2's input sizes for MoCo's detection configs (MAX_SIZE_* keep Detectron2's 1333).
+_VOC_INPUT = {"min_size_train": list(range(480, 801, 32)), "max_size_train": 1333,
+              "min_size_test": 800, "max_size_test": 1333}
+_COCO_INPUT = {"min_size_train": list(range(640, 801, 32)), "max_size_train": 1333,
+               "min_size_test": 800, "max_size_test": 1333}
+_COCO_DATA = {"name": "COCO 2017 (train2017 -> val2017)",
+              "splits": {"train": 118287, "val": 5000}, "classes": 80}
+_COCO_BOX = {"AP": "101-point", "AP50": "101-point", "AP75": "101-point"}
+_COCO_MASK = {**_COCO_BOX, "mask_AP": "101-point", "mask_AP50": "101-point", "mask_AP75": "101-point"}
+
+
+# What Detectron2 builds around the backbone (the configs' MODEL.* values, lower-cased keys).
+_VOC_C4 = {"backbone": "build_resnet_backbone", "roi_heads": "Res5ROIHeadsExtraNorm", "mask_on": False,
+           "norm": "naiveSyncBN"}
+_COCO_C4 = {**_VOC_C4, "mask_on": True}
+_COCO_FPN = {"backbone": "build_resnet_fpn_backbone", "roi_heads": "StandardROIHeads", "mask_on": True,
+             "norm": "SyncBN"}
+
+
+def _coco_schedule(iterations: int, steps: list) -> dict:
+    # warmup: Detectron2's default 1000 iterations (MoCo's COCO configs do not set it)
+    return {"iterations": iterations, "lr": 0.02, "batch": 16, "warmup": 1000, "steps": steps}
+
 
 ANCHORS = [
     {
         "id": "in1k_linear",
         "task": "linear",
-        "engine": None,
-        "protocol": r"^paper$",
-        "dataset": r"imagenet|in-?1k|ilsvrc",
-        "source": "facebookresearch/moco README @7397dfe: ImageNet linear top-1, "
+        "names": ["paper"],
+        "protocol": {
+            "engine": "torch",
+            "metric": {"top1": ""},
+            # main_lincls.py: SGD lr 30, momentum 0.9, no weight decay, 100 epochs, x0.1 at 60, 80
+            "schedule": {"epochs": 100, "lr": 30.0, "batch": 256, "lr_steps": [60, 80],
+                         "momentum": 0.9, "weight_decay": 0.0},
+            "input": {"train_crop": 224, "test_resize": 256, "test_crop": 224},
+            "dataset": {"name": "ImageNet-1k (ILSVRC-2012)",
+                        "splits": {"train": 1281167, "val": 50000}, "classes": 1000},
+        },
+        "source": f"{MOCO_REPO} README: ImageNet linear top-1 (main_lincls.py), "
                   "mean±std over 5 trials (v2 800ep: the released model)",
         "baseline": None,  # the README gives no supervised linear number
         "rows": {
@@ -42,10 +72,18 @@ ANCHORS = [
     {
         "id": "voc_c4_24k",
         "task": "detect",
-        "engine": "detectron2",  # the MoCo detection code; other engines get a caveat
-        "protocol": r"voc\w*[_-]c4[_-]\w*24k",  # pascal_voc_R_50_C4_24k, voc_c4_24k
-        "dataset": None,
-        "source": "facebookresearch/moco detection/README.md @7397dfe: Faster R-CNN R50-C4, "
+        "names": ["pascal_voc_R_50_C4_24k", "voc_c4_24k"],
+        "protocol": {
+            "engine": "detectron2",
+            "metric": {"AP50": "11-point", "AP": "11-point", "AP75": "11-point"},
+            "model": _VOC_C4,
+            "schedule": {"iterations": 24000, "lr": 0.02, "batch": 16, "warmup": 100,
+                         "steps": [18000, 22000]},
+            "input": _VOC_INPUT,
+            "dataset": {"name": "VOC07 test (trained on VOC07+12 trainval)",
+                        "splits": {"train": 16551, "test": 4952}, "classes": 20},
+        },
+        "source": f"{MOCO_REPO} detection/README.md: Faster R-CNN R50-C4, "
                   "VOC07+12 trainval -> VOC07 test, 24k iters, 5-trial mean",
         "baseline": "paper: supervised IN-1M",
         "rows": {
@@ -58,9 +96,10 @@ ANCHORS = [
     {
         "id": "coco_c4_2x",
         "task": "detect",
-        "engine": "detectron2",  # the MoCo detection code; other engines get a caveat
-        "protocol": r"coco\w*[_-]c4[_-]\w*2x",
-        "dataset": None,
+        "names": ["coco_R_50_C4_2x", "coco_c4_2x"],
+        "protocol": {"engine": "detectron2", "metric": _COCO_MASK, "model": _COCO_C4,
+                     "schedule": _coco_schedule(180000, [120000, 160000]),
+                     "input": _COCO_INPUT, "dataset": _COCO_DATA},
         "source": f"{MOCO_V1} Table 5(d): Mask R-CNN R50-C4, COCO 2x schedule "
                   "(secondary transcriptions, which agree)",
         "baseline": "paper: supervised IN-1M",
@@ -74,9 +113,10 @@ ANCHORS = [
     {
         "id": "coco_fpn_2x",
         "task": "detect",
-        "engine": "detectron2",  # the MoCo detection code; other engines get a caveat
-        "protocol": r"coco\w*[_-]fpn[_-]\w*2x",
-        "dataset": None,
+        "names": ["coco_R_50_FPN_2x", "coco_fpn_2x"],
+        "protocol": {"engine": "detectron2", "metric": _COCO_MASK, "model": _COCO_FPN,
+                     "schedule": _coco_schedule(180000, [120000, 160000]),
+                     "input": _COCO_INPUT, "dataset": _COCO_DATA},
         "source": f"{MOCO_V1} Table 5(b): Mask R-CNN R50-FPN, COCO 2x schedule "
                   "(secondary transcriptions, which agree)",
         "baseline": "paper: supervised IN-1M",
@@ -90,9 +130,10 @@ ANCHORS = [
     {
         "id": "coco_fpn_1x",
         "task": "detect",
-        "engine": "detectron2",  # the MoCo detection code; other engines get a caveat
-        "protocol": r"coco\w*[_-]fpn[_-]\w*1x",
-        "dataset": None,
+        "names": ["coco_R_50_FPN_1x", "coco_fpn_1x"],
+        "protocol": {"engine": "detectron2", "metric": {"AP": "101-point", "mask_AP": "101-point"},
+                     "model": _COCO_FPN, "schedule": _coco_schedule(90000, [60000, 80000]),
+                     "input": _COCO_INPUT, "dataset": _COCO_DATA},
         "source": f"{MOCO_V1} Table 5(a): Mask R-CNN R50-FPN, COCO 1x schedule; "
                   "UNVERIFIED transcription, check against the paper PDF",
         "baseline": "paper: supervised IN-1M",
@@ -104,9 +145,10 @@ ANCHORS = [
     {
         "id": "coco_c4_1x",
         "task": "detect",
-        "engine": "detectron2",  # the MoCo detection code; other engines get a caveat
-        "protocol": r"coco\w*[_-]c4[_-]\w*1x",
-        "dataset": None,
+        "names": ["coco_R_50_C4_1x", "coco_c4_1x"],
+        "protocol": {"engine": "detectron2", "metric": {"AP": "101-point", "mask_AP": "101-point"},
+                     "model": _COCO_C4, "schedule": _coco_schedule(90000, [60000, 80000]),
+                     "input": _COCO_INPUT, "dataset": _COCO_DATA},
         "source": f"{MOCO_V1} Table 5(c): Mask R-CNN R50-C4, COCO 1x schedule; "
                   "UNVERIFIED transcription, check against the paper PDF",
         "baseline": "paper: supervised IN-1M",
@@ -116,14 +158,21 @@ ANCHORS = [
         },
     },
     {
+        # The paper's own FCN-16s-style protocol, which no task here runs: a run of the mmseg
+        # FCN-D8 configs gets the fields that differ, never these rows.
         "id": "voc_seg",
         "task": "segment",
-        "engine": None,
-        "protocol": None,
-        "dataset": r"voc",
+        "names": ["fcn_r50_d8_512x512_20k", "fcn_r50_d8_voc12aug_512x512_20k"],
+        "protocol": {
+            "engine": "MoCo paper FCN-16s-style (dilated conv5, two 256-channel dilation-6 convs)",
+            "metric": {"mIoU": ""},
+            "schedule": {"iterations": 30000, "lr": 0.003, "crop": 513},
+            "input": {},
+            "dataset": {"name": "VOC 2012 train_aug -> val", "splits": {"train": 10582, "val": 1449},
+                        "classes": 21},
+        },
         "source": f"{MOCO_V1} Table 6: VOC semantic segmentation mIoU with the paper's own "
-                  "FCN-16s-style protocol (dilated conv5, crop 513, 30k iters), not mmseg "
-                  "FCN-D8 20k: not directly comparable",
+                  "FCN-16s-style protocol (dilated conv5, crop 513, 30k iters)",
         "baseline": "paper: supervised IN-1M",
         "rows": {
             "paper: supervised IN-1M": {"mIoU": 74.4},
@@ -133,12 +182,17 @@ ANCHORS = [
     {
         "id": "cityscapes_seg",
         "task": "segment",
-        "engine": None,
-        "protocol": None,
-        "dataset": r"cityscapes",
+        "names": ["fcn_r50_d8_769x769_40k", "fcn_r50_d8_cityscapes_769x769_40k"],
+        "protocol": {
+            "engine": "MoCo paper FCN-16s-style (dilated conv5, two 256-channel dilation-6 convs)",
+            "metric": {"mIoU": ""},
+            "schedule": {"iterations": 90000, "lr": 0.01, "crop": 769},
+            "input": {},
+            "dataset": {"name": "Cityscapes train_fine -> val", "splits": {"train": 2975, "val": 500},
+                        "classes": 19},
+        },
         "source": f"{MOCO_V1} Table 6: Cityscapes semantic segmentation mIoU with the paper's "
-                  "own FCN-16s-style protocol (dilated conv5, crop 769, 90k iters), not mmseg "
-                  "FCN-D8 40k: not directly comparable",
+                  "own FCN-16s-style protocol (dilated conv5, crop 769, 90k iters)",
         "baseline": "paper: supervised IN-1M",
         "rows": {
             "paper: supervised IN-1M": {"mIoU": 74.6},

@@ -34,6 +34,7 @@ import datetime
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 from mocobench.errors import UserError
@@ -49,6 +50,7 @@ REQUIRED = {
 
 # The fields of a protocol record; all but "name" define it (its "id" is their hash).
 PROTOCOL_FIELDS = ("name", "task", "engine", "metric", "schedule", "input", "dataset")
+OUTCOME_KINDS = ("classification", "detection", "segmentation")
 
 
 def _digest(obj) -> str:
@@ -64,7 +66,7 @@ def dataset_fingerprint(classes, splits: dict) -> str:
 
 
 def protocol_record(*, name: str, task: str, engine: str, metric: dict, schedule: dict,
-                    input: dict, dataset: dict) -> dict:
+                    input: dict, dataset: dict, model: dict | None = None) -> dict:
     """What a result was measured under, from the resolved run:
 
     name      short human name, shown in table headers ("fast", "voc_c4_24k", ...)
@@ -72,17 +74,32 @@ def protocol_record(*, name: str, task: str, engine: str, metric: dict, schedule
     engine    what computed it (and its metric code): detectron2, torchvision, mmseg, sklearn...
     metric    {metric name: its definition}, e.g. {"AP50": "VOC07 11-point AP at IoU 0.5"}
     schedule  every training value that changes the number: iterations or epochs, lr, batch,
-              warmup, steps, l2 grid, k, ... (empty for kNN-like tasks without training)
+              warmup, steps, l2 grid, k, ... (empty for kNN-like tasks without training); not
+              the seed (runs that differ only in their seed are one protocol: report's rows
+              aggregate them)
     input     train / test image sizes, crops, normalisation
     dataset   {"name", "splits": {split: size}, "classes": number, "fingerprint": see
               dataset_fingerprint} of the data actually read
+    model     optional: what the task builds around the backbone when it changes the number,
+              e.g. a detector's {"backbone": "build_resnet_fpn_backbone", "roi_heads": ...,
+              "mask_on": true, "norm": "SyncBN"} (C4 and FPN runs are different protocols)
 
     Returns those fields plus "id", the hash of all but the name: results are comparable
-    exactly when their ids are equal."""
+    exactly when their ids are equal. (A record without "model" hashes as before it existed.)"""
     record = {"name": name, "task": task, "engine": engine, "metric": metric,
               "schedule": schedule, "input": input, "dataset": dataset}
+    if model is not None:
+        record["model"] = model
     record["id"] = _digest({k: v for k, v in record.items() if k != "name"})[:16]
     return record
+
+
+def canonical_metric(name: str) -> str:
+    """Detectron2-style ``bbox/AP``, ``segm/AP50`` -> ``AP``, ``mask_AP50``: one name per metric."""
+    m = re.fullmatch(r"(bbox|box|segm|mask)[/_.](\w+)", name)
+    if not m:
+        return name
+    return ("mask_" if m[1] in ("segm", "mask") else "") + m[2]
 
 
 def weights_record(path, label: str | None = None, layout: str | None = None) -> dict:
@@ -93,15 +110,22 @@ def weights_record(path, label: str | None = None, layout: str | None = None) ->
             "layout": layout}
 
 
+def _kind(value) -> str:
+    return "null" if value is None else "a number" if isinstance(value, (int, float)) \
+        else f"a {type(value).__name__}"
+
+
 def validate(record: dict, where: str = "results") -> dict:
+    """Check every field `report` reads, with its type, so that a malformed file is one line
+    naming the field, never a traceback or a silently wrong table."""
     for key, kind in REQUIRED.items():
         if key not in record:
             raise UserError(f"{where}: missing field {key!r} of the results schema")
         value = record[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind):
-            raise UserError(f"{where}: field {key!r} should be {kind.__name__}, got {type(value).__name__}")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UserError(f"{where}: field {key!r} should be {kind.__name__}, got {_kind(value)}")
     if record["schema"] != SCHEMA:
         raise UserError(f"{where}: schema {record['schema']!r} is not {SCHEMA!r}")
     for name, v in record["metrics"].items():
@@ -113,22 +137,65 @@ def validate(record: dict, where: str = "results") -> dict:
     if status != "ok" and not isinstance(record.get("reason"), str):
         raise UserError(f"{where}: status {status!r} needs a 'reason' string saying what to do")
     if status == "ok":
-        missing = [k for k in (*PROTOCOL_FIELDS, "id") if k not in record["protocol"]]
-        if missing:
-            raise UserError(f"{where}: protocol lacks {', '.join(missing)}; re-run the task with "
-                            "this version")
-    outcomes = record.get("outcomes")
-    if outcomes is not None and not (isinstance(outcomes, dict) and isinstance(outcomes.get("kind"), str)
-                                     and isinstance(outcomes.get("files"), list)):
-        raise UserError(f"{where}: outcomes should be {{'kind': str, 'files': [str]}}")
-    if not isinstance(record["dataset"].get("name"), str):
-        raise UserError(f"{where}: dataset lacks a 'name' string")
-    if not isinstance(record["dataset"].get("splits"), dict):
-        raise UserError(f"{where}: dataset lacks 'splits', a mapping of split name to size")
+        _validate_protocol(record["protocol"], where)
+    _validate_outcomes(record.get("outcomes"), where)
+    _validate_dataset(record["dataset"], where, "dataset")
     for key in ("path", "sha256", "label"):
         if key not in record["weights"]:
             raise UserError(f"{where}: weights lacks {key!r}")
+        if not isinstance(record["weights"][key], (str, type(None))):
+            raise UserError(f"{where}: weights {key!r} should be a string or null, "
+                            f"got {_kind(record['weights'][key])}")
     return record
+
+
+def start_run(out_dir) -> Path | None:
+    """Every task calls this once it holds its output folder's lock, before any work: an
+    earlier run's results.json moves aside to results.previous.json, so a run that then fails
+    leaves nothing that `report` could read as this run's result. Returns the moved file."""
+    path = Path(out_dir) / "results.json"
+    if not path.exists():
+        return None
+    previous = path.with_name("results.previous.json")
+    path.replace(previous)
+    return previous
+
+
+def _validate_dataset(dataset: dict, where: str, field: str) -> None:
+    if not isinstance(dataset.get("name"), str):
+        raise UserError(f"{where}: {field} lacks a 'name' string")
+    splits = dataset.get("splits")
+    if not isinstance(splits, dict):
+        raise UserError(f"{where}: {field} lacks 'splits', a mapping of split name to size, "
+                        f"got {_kind(splits)}")
+    for split, size in splits.items():
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise UserError(f"{where}: {field} split {split!r} should have a number of images, "
+                            f"got {size!r}")
+
+
+def _validate_protocol(protocol: dict, where: str) -> None:
+    missing = [k for k in (*PROTOCOL_FIELDS, "id") if k not in protocol]
+    if missing:
+        raise UserError(f"{where}: protocol lacks {', '.join(missing)}; re-run the task with "
+                        "this version")
+    for key in ("name", "task", "engine", "id"):
+        if not isinstance(protocol[key], str):
+            raise UserError(f"{where}: protocol {key!r} should be a string, got {_kind(protocol[key])}")
+    for key in ("metric", "schedule", "input", "dataset", "model"):
+        if key in protocol and not isinstance(protocol[key], dict):
+            raise UserError(f"{where}: protocol {key!r} should be a mapping, got {_kind(protocol[key])}")
+    _validate_dataset(protocol["dataset"], where, "protocol dataset")
+
+
+def _validate_outcomes(outcomes, where: str) -> None:
+    if outcomes is None:
+        return
+    if not (isinstance(outcomes, dict) and outcomes.get("kind") in OUTCOME_KINDS
+            and isinstance(outcomes.get("files"), list)
+            and all(isinstance(f, str) for f in outcomes["files"])):
+        raise UserError(f"{where}: outcomes should be {{'kind': one of {', '.join(OUTCOME_KINDS)}, "
+                        "'files': [str]}}; re-run that task")
 
 
 def write_results(out_dir, *, task: str, dataset: dict, weights: dict, engine: str,
@@ -167,10 +234,12 @@ def read_results(path) -> dict:
         raise UserError(f"{path} does not exist; point report at folders holding results.json") from None
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a text file; re-run that task") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}); check its permissions") from None
     except (json.JSONDecodeError, ValueError) as e:
         raise UserError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}); re-run that task") from None
     if not isinstance(record, dict):
-        raise UserError(f"{path} holds a {type(record).__name__}, not a results record; re-run that task")
+        raise UserError(f"{path} holds {_kind(record)}, not a results record; re-run that task")
     return validate(record, str(path))
 
 

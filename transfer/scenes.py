@@ -8,7 +8,8 @@ on them unchanged.
 
 Public API (stable; the detection and segmentation tasks both use it)::
 
-    scenes = compose_scenes(n, seed=0, canvas=128, objects=(2, 4), scale=(1.0, 2.0), name_offset=0)
+    scenes = compose_scenes(n, seed=0, canvas=128, objects=(2, 4), scale=(1.0, 2.0), name_offset=0,
+                            background="gradient")
         # -> list[Scene], deterministic given the arguments. Items are drawn
         #    without replacement across the whole list (so the train and val
         #    scenes of one call never share an item) until the 10k test items
@@ -18,8 +19,10 @@ Public API (stable; the detection and segmentation tasks both use it)::
     write_voc(root, {"train": scenes[:n], "val": scenes[n:]})   # -> root
     write_coco(root, {"train": ..., "val": ...})               # -> root
     write_mmseg(root, {"train": ..., "val": ...})              # -> root
-    paths = ensure_demo_scenes(root, n_train, n_val, seed)      # -> dict of Paths
-        # {"root", "voc", "coco", "mmseg"}; written once, reused afterwards.
+    paths = ensure_demo_scenes(root, n_train, n_val, seed, canvas=128, objects=(2, 4),
+                               scale=(1.0, 2.0), background="gradient")  # -> dict of Paths
+        # {"root", "voc", "coco", "mmseg"}; written once, reused afterwards. Non-default
+        # objects / scale / background extend the folder name (the detection demo uses them).
 
 Scene contents (``Scene``): ``image`` H x W x 3 uint8 RGB; ``boxes`` N x 4
 float32 XYXY in absolute pixel-edge coordinates (x1, y1 exclusive, so a box
@@ -86,8 +89,14 @@ class Scene:
         return out
 
 
-def _background(rng, size: int) -> np.ndarray:
-    """A dim colour gradient with mild noise, so the background is not flat black."""
+BACKGROUNDS = ("gradient", "flat")
+
+
+def _background(rng, size: int, style: str = "gradient") -> np.ndarray:
+    """"gradient": a dim colour gradient with mild noise, so the background is not flat black;
+    "flat": one dark grey with the same mild noise (closer to Fashion-MNIST's black)."""
+    if style == "flat":
+        return rng.uniform(0, 30) + rng.normal(0, 4, (size, size, 3))
     c0, c1 = rng.uniform(0, 70, 3), rng.uniform(0, 70, 3)
     t = np.linspace(0, 1, size)[:, None]
     angle = rng.uniform(0, 2 * np.pi)
@@ -104,15 +113,18 @@ def _scale_item(item: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compose_scenes(n: int, seed: int = 0, canvas: int = 128, objects=(2, 4),
-                   scale=(1.0, 2.0), name_offset: int = 0) -> list[Scene]:
+                   scale=(1.0, 2.0), name_offset: int = 0, background: str = "gradient") -> list[Scene]:
     """Compose `n` scenes of `canvas` x `canvas` pixels with `objects` = (min, max) items each,
-    items scaled by a factor drawn from `scale` (1.0 = 28 px). Deterministic given the arguments.
+    items scaled by a factor drawn from `scale` (1.0 = 28 px), on a `background` of one of
+    BACKGROUNDS. Deterministic given the arguments.
 
     A scene holds fewer than `objects[0]` items only if no free place was found for them
     (raise `canvas` or lower `scale` if that matters)."""
     lo, hi = int(objects[0]), int(objects[1])
     if not 1 <= lo <= hi:
         raise UserError(f"objects={objects!r} must be (min, max) with 1 <= min <= max")
+    if background not in BACKGROUNDS:
+        raise UserError(f"background {background!r} is not one of {', '.join(BACKGROUNDS)}")
     if int(round(28 * scale[1])) + 2 * GAP > canvas:
         raise UserError(f"items scaled up to {scale[1]}x (28 px each) do not fit a {canvas}-pixel canvas; "
                         "lower the scale or enlarge the canvas")
@@ -121,7 +133,7 @@ def compose_scenes(n: int, seed: int = 0, canvas: int = 128, objects=(2, 4),
     pool: list[int] = []
     scenes = []
     for i in range(n):
-        image = _background(rng, canvas)
+        image = _background(rng, canvas, background)
         boxes, classes, masks, items = [], [], [], []
         for _ in range(int(rng.integers(lo, hi + 1))):
             if not pool:
@@ -270,12 +282,26 @@ def _layout(folder: Path) -> dict[str, Path]:
             "mmseg": folder / "mmseg"}
 
 
+def _folder_name(n_train, n_val, seed, canvas, objects, scale, background) -> str:
+    name = f"fmnist-scenes_v{VERSION}_c{canvas}_n{n_train}-{n_val}_s{seed}"
+    # Non-default composition settings extend the name (the default keeps its old name).
+    if tuple(objects) != (2, 4):
+        name += f"_o{objects[0]}-{objects[1]}"
+    if tuple(scale) != (1.0, 2.0):
+        name += f"_x{scale[0]:g}-{scale[1]:g}"
+    if background != "gradient":
+        name += f"_bg{background}"
+    return name
+
+
 def ensure_demo_scenes(root=None, n_train: int = 256, n_val: int = 64, seed: int = 0,
-                       canvas: int = 128) -> dict[str, Path]:
+                       canvas: int = 128, objects=(2, 4), scale=(1.0, 2.0),
+                       background: str = "gradient") -> dict[str, Path]:
     """Compose n_train + n_val scenes once and write them in all three layouts.
 
-    The scenes live in a sub-folder of `root` (default ``default_root()``) named by the
-    arguments, so different sizes never collide and a second call returns at once.
+    `objects`, `scale` and `background` are compose_scenes' arguments. The scenes live in a
+    sub-folder of `root` (default ``default_root()``) named by the arguments, so different
+    sizes never collide and a second call returns at once.
     Splits: ``train`` and ``val`` in every layout; the VOC folder also has ``test``
     (= ``val``, VOC2007's name for its held-out split) and ``trainval``. The folder is
     written under a temporary name and renamed when complete, so a crash or a concurrent
@@ -286,7 +312,8 @@ def ensure_demo_scenes(root=None, n_train: int = 256, n_val: int = 64, seed: int
     if n_train < 1 or n_val < 1:
         raise UserError(f"demo scenes need at least one train and one val image, got {n_train}/{n_val}")
     root = Path(root) if root else default_root()
-    folder = root / f"fmnist-scenes_v{VERSION}_c{canvas}_n{n_train}-{n_val}_s{seed}"
+    objects, scale = tuple(int(v) for v in objects), tuple(float(v) for v in scale)
+    folder = root / _folder_name(n_train, n_val, seed, canvas, objects, scale, background)
     paths = _layout(folder)
     if (folder / "DONE").exists():
         return paths
@@ -295,7 +322,8 @@ def ensure_demo_scenes(root=None, n_train: int = 256, n_val: int = 64, seed: int
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
     try:
-        scenes = compose_scenes(n_train + n_val, seed=seed, canvas=canvas)
+        scenes = compose_scenes(n_train + n_val, seed=seed, canvas=canvas, objects=objects, scale=scale,
+                                background=background)
         train, val = scenes[:n_train], scenes[n_train:]
         staged = _layout(tmp)
         write_voc(staged["voc"], {"train": train, "val": val, "test": val, "trainval": scenes})
@@ -303,6 +331,7 @@ def ensure_demo_scenes(root=None, n_train: int = 256, n_val: int = 64, seed: int
         write_mmseg(staged["mmseg"], {"train": train, "val": val})
         (tmp / "scenes.json").write_text(json.dumps({
             "version": VERSION, "canvas": canvas, "n_train": n_train, "n_val": n_val, "seed": seed,
+            "objects": list(objects), "scale": list(scale), "background": background,
             "source": "Fashion-MNIST test split", "classes": CLASSES}, indent=2) + "\n")
         (tmp / "DONE").write_text("")
         try:

@@ -8,7 +8,7 @@
 # fcn_r50-d8.py): mmseg's default ResNetV1c has a deep stem (stem.*) that torchvision-layout MoCo /
 # supervised weights do not fill, so it would silently stay random. The 769 crop matches the MoCo
 # paper's Cityscapes crop, but its protocol (FCN-16s-style head, 90k iterations, 75.3 mIoU for
-# MoCo v1) is not this one, so numbers are not directly comparable (../shared/NOTES-anchors.md (c)).
+# MoCo v1) is not this one, so numbers are not directly comparable (docs/paper-numbers.md).
 #
 # Run:  torchrun --nproc_per_node 4 -m transfer segment --launcher pytorch \
 #           --config configs/segmentation/fcn_r50_d8_cityscapes_769x769_40k.py --weights CKPT --output DIR \

@@ -8,7 +8,7 @@
 # mmseg's default ResNetV1c has a deep stem (stem.*) that torchvision-layout MoCo / supervised
 # weights do not fill, so it would silently stay random. mmselfsup's MoCo v2 row for this
 # setting is 67.55 mIoU (not comparable with the MoCo paper's FCN-16s-style 72.5, see
-# ../shared/NOTES-anchors.md (c)).
+# docs/paper-numbers.md).
 #
 # Run:  torchrun --nproc_per_node 4 -m transfer segment --launcher pytorch \
 #           --config configs/segmentation/fcn_r50_d8_voc12aug_512x512_20k.py --weights CKPT --output DIR \

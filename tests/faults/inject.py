@@ -6,6 +6,8 @@
     disk_free:BYTES      the disk reports only BYTES free
     enospc_save:N        the N-th checkpoint write fails with "No space left on device"
     kill_worker:N        a data loader worker SIGKILLs itself at its N-th image decode
+    fill_disk_at_save:N  the N-th checkpoint write first fills its file system (a real full disk)
+    wait_for_file:N:PATH before its N-th optimizer step the run waits until PATH exists
 
 Faults are injected by patching library calls from outside, so the product code
 has no test hooks.
@@ -80,6 +82,37 @@ elif kind == "kill_worker":
         return convert(self, *a, **k)
 
     Image.Image.convert = killing_convert
+elif kind == "fill_disk_at_save":
+    from pathlib import Path
+
+    save = torch.save
+
+    def filling_save(obj, f, *a, **k):
+        if nth(int(args[0])):
+            try:  # atomic_write's temporary folder sits in the output folder
+                with open(Path(f).parents[1] / "filler", "wb") as filler:
+                    while True:
+                        filler.write(b"\0" * 65536)
+                        filler.flush()
+            except OSError:
+                pass
+        return save(obj, f, *a, **k)
+
+    torch.save = filling_save
+elif kind == "wait_for_file":
+    import time
+
+    at, path = int(args[0]), ":".join(args[1:])
+    step = torch.optim.SGD.step
+
+    def waiting_step(self, *a, **k):
+        if nth(at):
+            deadline = time.time() + 300
+            while not os.path.exists(path) and time.time() < deadline:
+                time.sleep(0.1)
+        return step(self, *a, **k)
+
+    torch.optim.SGD.step = waiting_step
 else:
     sys.exit(f"unknown FAULT {kind}")
 

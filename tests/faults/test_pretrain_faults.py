@@ -1,33 +1,17 @@
 """Fault injection on real pretraining runs: a lost rank, a kill during a checkpoint
 write, broken checkpoints, a diverging loss and a full disk each cost at most the
 work since the last checkpoint and are reported in one line."""
-import os
+import json
 import struct
 import subprocess
-import sys
+import time
 import zipfile
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-from test_pretrain import DEMO, TINY, _one_line_error, free_port, run_pretrain  # noqa: E402
-
-INJECT = str(Path(__file__).with_name("inject.py"))
-
-
-def run_with_fault(out, fault, *overrides, nproc=1, restarts=0):
-    args = ["--config", DEMO, "--output", str(out), *TINY, *overrides]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--max-restarts={restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", INJECT, *args]
-    else:
-        cmd = [sys.executable, INJECT, *args]
-    env = {**os.environ, "FAULT": fault, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-
+from helpers import (ROOT, fault_command, fault_env, mount_tmpfs, one_line_error, run_pretrain, run_with_fault,
+                     unmount)
+from pretrain.checkpoint import load_checkpoint
 
 def state(path):
     return torch.load(path, weights_only=True)
@@ -59,6 +43,10 @@ def test_kill_between_temp_write_and_rename_keeps_the_previous_checkpoint(tmp_pa
     assert again.returncode == 0, again.stderr[-2000:]
     assert "step 1" in again.stdout.split("resumed from")[1].splitlines()[0]
     assert state(tmp_path / "checkpoint_last.pth")["step"] == 3
+    # the killed run had logged step 2 after its last good checkpoint (step 1): the resumed run
+    # cut the log back to step 1 before redoing it, so no step appears twice
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
 
 
 def test_broken_checkpoints_are_named_and_resume_falls_back_to_the_newest_valid(tmp_path):
@@ -88,12 +76,12 @@ def test_broken_checkpoints_are_named_and_resume_falls_back_to_the_newest_valid(
     assert "checkpoint_ep0001.pth: epoch 1, step 4" in resumed.stdout
     assert_same_weights(reference, state(last))
 
-    _one_line_error(run_pretrain(tmp_path / "other", "--resume", str(corrupt_copy)), "checksum mismatch")
+    one_line_error(run_pretrain(tmp_path / "other", "--resume", str(corrupt_copy)), "checksum mismatch")
 
 
 def test_diverging_loss_stops_with_one_line_and_keeps_finite_weights(tmp_path):
     result = run_with_fault(tmp_path, "nan_loss:3", "train.max_steps=5", "train.save_every_steps=1")
-    _one_line_error(result, "loss is nan at step 3 (last finite loss")
+    one_line_error(result, "loss is nan at step 3 (last finite loss")
     assert "lower train.lr" in result.stderr
     ckpt = state(tmp_path / "checkpoint_last.pth")
     assert ckpt["step"] == 2
@@ -102,12 +90,65 @@ def test_diverging_loss_stops_with_one_line_and_keeps_finite_weights(tmp_path):
 
 def test_full_disk_is_refused_before_starting(tmp_path):
     result = run_with_fault(tmp_path, "disk_free:1000000", "train.max_steps=2")
-    _one_line_error(result, "MiB free in")
+    one_line_error(result, "MiB free in")
     assert not (tmp_path / "checkpoint_last.pth").exists()
+
+
+def test_a_really_full_disk_during_a_checkpoint_write_is_one_line_and_the_previous_stays(tmp_path):
+    """A small tmpfs, filled just before the second checkpoint write: torch's own zip writer
+    fails on the full file system (its RuntimeError, not an injected OSError)."""
+    mnt = tmp_path / "small"
+    mount_tmpfs(mnt, "400m")  # room for the start-up check (twice a ~135 MB checkpoint)
+    try:
+        result = run_with_fault(mnt / "run", "fill_disk_at_save:2", "train.max_steps=3",
+                                "train.save_every_steps=1")
+        one_line_error(result, "cannot write checkpoint")
+        assert "MiB free there); the previous checkpoint is intact" in result.stderr
+        assert load_checkpoint(mnt / "run/checkpoint_last.pth")["step"] == 1  # checksum verified
+        assert not [p for p in (mnt / "run").iterdir() if p.name.endswith(".tmp")]
+    finally:
+        unmount(mnt)
+
+
+def test_a_second_pretraining_into_the_same_folder_is_refused_and_the_first_is_intact(tmp_path):
+    """Two real processes: the first holds the folder (paused before its 2nd step), the
+    second, with another lr, is refused in one line naming it; the first then finishes with
+    the weights and log of a run that was never disturbed."""
+    go = tmp_path / "go"
+    first = subprocess.Popen(fault_command(tmp_path / "run", "train.max_steps=4"),
+                             cwd=ROOT, env=fault_env(f"wait_for_file:2:{go}"), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        log = tmp_path / "run/log.jsonl"
+        deadline = time.time() + 300
+        while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.2)  # the first has trained one step: it holds the lock
+        second = run_pretrain(tmp_path / "run", "train.max_steps=4", "train.lr=0.1")
+        one_line_error(second, f"is in use by pid {first.pid}")
+    finally:
+        go.touch()
+        out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    straight = run_pretrain(tmp_path / "straight", "train.max_steps=4")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert_same_weights(state(tmp_path / "straight/checkpoint_last.pth"), state(tmp_path / "run/checkpoint_last.pth"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert "lr: 0.06" in (tmp_path / "run/config.yaml").read_text()  # not the second's 0.1
+
+
+def test_stale_temporaries_of_killed_saves_are_removed_at_start(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / ".checkpoint_last.pth.abc123.tmp").mkdir()
+    (tmp_path / ".checkpoint_last.pth.abc123.tmp/checkpoint_last.pth").write_bytes(b"half a checkpoint")
+    (tmp_path / ".checkpoint_ep0002.pth.def456.tmp").write_bytes(b"older style")
+    result = run_pretrain(tmp_path, "train.max_steps=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_failed_checkpoint_write_is_one_line_and_the_previous_stays(tmp_path):
     result = run_with_fault(tmp_path, "enospc_save:2", "train.max_steps=3", "train.save_every_steps=1")
-    _one_line_error(result, "No space left on device")
+    one_line_error(result, "No space left on device")
     assert state(tmp_path / "checkpoint_last.pth")["step"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -1,29 +1,35 @@
 """python -m transfer detect: detection fine-tuning of a pretrained ResNet.
 
     python -m transfer detect --config configs/detection/pascal_voc_R_50_C4_24k.yaml \\
-        --weights CKPT --output DIR [--engine auto|detectron2|torchvision] [--num-gpus N] \\
-        [--num-machines M --machine-rank R --dist-url URL] [--resume] [KEY VALUE ...]
+        --weights CKPT --output DIR [--engine auto|detectron2|torchvision] [--allow-pickle] \\
+        [--num-gpus N] [--num-machines M --machine-rank R --dist-url URL] [--resume] [KEY VALUE ...]
 
 CKPT is any checkpoint `converters` reads (moco-bench, official MoCo, mmselfsup,
-torchvision, Detectron2 .pkl). For Detectron2 it is converted and verified on the fly
-(DIR/weights_detectron2.pkl) unless it already is a Detectron2 .pkl; the torchvision engine
-loads it with converters.build_resnet (strict). The config's backbone settings must match
-the weights (depth, groups, width, STRIDE_IN_1X1 False, RGB, the pretraining mean/std):
-a mismatch is refused with the overrides to pass.
+torchvision, Detectron2 .pkl), read without running pickled code unless --allow-pickle is
+given; or ``random`` with ``--arch A`` for the random-init baseline. For Detectron2 it is
+converted and verified on the fly into DIR/weights_detectron2.pkl (a clean file of arrays:
+the only weights Detectron2 ever unpickles); the torchvision engine loads it with
+converters.build_resnet (strict). The config's backbone settings must match the weights
+(depth, groups, width, STRIDE_IN_1X1 False, RGB, the pretraining mean/std): a mismatch is
+refused with the overrides to pass.
 
 Engines: "detectron2" (the reference: MoCo's protocol, Res5ROIHeadsExtraNorm, PreciseBN,
-Pascal VOC / COCO evaluators, multi-GPU/multi-node via Detectron2's launch) and
-"torchvision" (always installable; a different protocol, see tv_engine). "auto" picks
-Detectron2 when it imports. Metrics (AP, AP50, AP75 in percent; mask_AP, mask_AP50, mask_AP75
-for Mask R-CNN) go to DIR/results.json (transfer.results).
+multi-GPU/multi-node via Detectron2's launch) and "torchvision" (always installable; a
+different protocol, see tv_engine). "auto" picks Detectron2 when it imports. Both read the
+data with one reader (datasets) and score the same way (metrics): VOC data with
+Detectron2's VOC07 evaluator, COCO data with COCOeval. Metrics (AP, AP50, AP75 in percent;
+mask_AP* for Mask R-CNN) go to DIR/results.json (transfer.results), the per-image
+detections and the evaluated ground truth beside it (transfer.outcomes). See
+docs/detection.md.
 """
 import argparse
 import importlib
+import os
 import sys
-import time
 from pathlib import Path
 
 from mocobench.errors import UserError, cli
+from mocobench.fileio import prepare_output
 
 D2_INSTALL = ("pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git' "
               "(it builds against the installed torch)")
@@ -55,31 +61,14 @@ def choose_engine(requested: str) -> str:
     return "detectron2"
 
 
-def check_weights_match(bb, cfg: dict) -> None:
-    """Refuse a config whose backbone settings contradict the weights (converters knows them)."""
-    from converters import detectron2_settings
-    from transfer.detect.config import get
-
-    bad = []
-    for key, want in detectron2_settings(bb).items():
-        have = get(cfg, key)
-        if isinstance(want, list):
-            same = isinstance(have, (list, tuple)) and len(have) == len(want) and all(
-                abs(float(a) - float(b)) < 1e-2 for a, b in zip(have, want))
-        else:
-            same = have == want
-        if not same:
-            bad.append((key, have, want))
-    if bad:
-        what = "; ".join(f"{k} is {h!r}, the weights need {w!r}" for k, h, w in bad)
-        fix = " ".join(f"{k} {str(w).replace(' ', '')}" for k, _, w in bad)
-        raise UserError(f"config does not match the {bb.arch} weights: {what}; pass {fix}")
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m transfer detect", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="Detectron2-format YAML (configs/detection/*.yaml)")
-    p.add_argument("--weights", required=True, help="pretrained backbone checkpoint (any converters layout)")
+    p.add_argument("--weights", required=True,
+                   help="pretrained backbone checkpoint (any converters layout), or 'random' with --arch")
+    p.add_argument("--arch", default=None, help="required with --weights random; else checked against the file")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="let the checkpoint's pickled Python objects run (only for a file you trust)")
     p.add_argument("--output", required=True, help="output folder (results.json, logs, model)")
     p.add_argument("--engine", choices=["auto", "detectron2", "torchvision"], default="auto")
     p.add_argument("--label", default=None, help="name of the weights in tables (default: file stem)")
@@ -92,53 +81,63 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _check_launch(args, engine: str) -> None:
+    if args.num_gpus < 1 or args.num_machines < 1:
+        raise UserError("--num-gpus and --num-machines must be at least 1")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise UserError(f"--machine-rank {args.machine_rank} must be in 0..{args.num_machines - 1}")
+    if args.num_machines > 1 and args.dist_url == "auto":  # Detectron2's launch asserts on it
+        raise UserError(f"--num-machines {args.num_machines} needs a rendezvous all machines reach: pass "
+                        f"--dist-url tcp://<machine 0's address>:<free port>, the same on every machine")
+    if engine == "torchvision" and (args.num_gpus > 1 or args.num_machines > 1):
+        raise UserError("--num-gpus/--num-machines drive Detectron2's launcher; run the torchvision engine "
+                        "under torchrun instead (torchrun --nproc_per_node N -m transfer detect ...)")
+
+
+def _prepare_folder(out: Path, lead: bool):
+    """Create, prove writable and lock the output folder (the first process only: other ranks
+    and machines write into the folder it holds)."""
+    from transfer.results import start_run
+
+    lock = prepare_output(out, "detection run", lock=lead)
+    if lead:
+        start_run(out)  # a run that then fails leaves no results.json for `report` to read
+    return lock
+
+
 @cli
 def main(argv=None):
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     engine = choose_engine(args.engine)
-    if args.num_gpus < 1 or args.num_machines < 1:
-        raise UserError("--num-gpus and --num-machines must be at least 1")
+    _check_launch(args, engine)
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    if engine == "detectron2":
-        from transfer.detect import d2_engine
+    lead = int(os.environ.get("RANK", "0")) == 0 and args.machine_rank == 0  # torchrun / Detectron2 launch
+    lock = _prepare_folder(out, lead)
+    try:
+        if engine == "detectron2":
+            from transfer.detect import d2_engine
 
-        return d2_engine.main(args, out)
-    if args.num_gpus > 1 or args.num_machines > 1:
-        raise UserError("--num-gpus/--num-machines drive Detectron2's launcher; run the torchvision engine "
-                        "under torchrun instead (torchrun --nproc_per_node N -m transfer detect ...)")
-    return run_torchvision(args, out)
+            return d2_engine.main(args, out)
+        return run_torchvision(args, out)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def run_torchvision(args, out: Path):
-    from mocobench import dist
-    from converters import load_backbone
     from transfer.detect import config as dcfg
-    from transfer.detect import datasets as ds
     from transfer.detect import tv_engine
-    from transfer.results import weights_record, write_results
+    from transfer.detect.tv_model import check_config
+    from transfer.detect.weights import check_weights_match, load_weights
 
-    t0 = time.time()
     cfg = dcfg.load(args.config, args.opts)
+    explicit = dcfg.explicit_keys(args.config, args.opts)
     cfg["OUTPUT_DIR"] = str(out)
-    bb = load_backbone(args.weights)
+    bb, weights = load_weights(args.weights, args.arch, args.allow_pickle, args.label)
     check_weights_match(bb, cfg)
-    tv_engine.check_config(cfg)
-    ds.resolve_all(cfg)  # fails early on missing data; composes demo scenes (safe on every rank)
-    result = tv_engine.run(cfg, bb, out, resume=args.resume)  # fills in SEED when it is -1
-    if not dist.is_main_process():
-        return None
-    train, test = cfg["DATASETS"]["TRAIN"], cfg["DATASETS"]["TEST"]
-    stem = Path(args.config).stem
-    record = dict(cfg)
-    record["RUN"] = {**result["run"], "engine_note": tv_engine.__doc__.split("\n")[0],
-                     "weights_layout": bb.layout, "arch": bb.arch,
-                     "datasets": {s.name: s.describe() for s in sum(ds.resolve_all(cfg), [])}}
-    path = write_results(
-        out, task="detect",
-        dataset={"name": f"{'+'.join(train)} -> {test[0]}", "splits": result["splits"]},
-        weights=weights_record(args.weights, args.label, bb.layout),
-        engine="torchvision", protocol=f"{stem}@torchvision", config=record, seed=cfg["SEED"],
-        wall_time_s=time.time() - t0, metrics=result["metrics"])
-    print(f"[detect] wrote {path}", flush=True)
+    check_config(cfg)
+    path = tv_engine.run(cfg, bb, weights, out, name=Path(args.config).stem, explicit=explicit,
+                         resume=args.resume)
+    if path:
+        print(f"[detect] wrote {path}", flush=True)
     return path

@@ -2,28 +2,35 @@
 
 The files in configs/detection are Detectron2 configs (upper-case keys, one ``_BASE_``),
 so the Detectron2 engine reads them with Detectron2's own ``CfgNode`` and every
-Detectron2 key works there. Without Detectron2 the torchvision engine reads the same
-files here, through the same rules (``_BASE_`` merge, strings such as ``(480, 512)``
-decoded like yacs does, ``KEY VALUE`` overrides) against ``DEFAULTS``: the subset of
-Detectron2's keys, with Detectron2's default values, that the torchvision engine
-implements. Any other key is refused in one line rather than silently ignored.
+Detectron2 key works there. The torchvision engine reads the same files with yacs'
+``CfgNode`` (what Detectron2's builds on: the same value decoding, type checks and
+``KEY VALUE`` overrides) against ``DEFAULTS``: the subset of Detectron2's keys, with
+Detectron2's default values, that the torchvision engine implements. Any other key is
+refused in one line rather than silently ignored. ``_BASE_`` (a file relative to the
+config, merged underneath it) is Detectron2's addition to yacs and is followed here too.
 
 Two sections are ours and exist for both engines (added to Detectron2's config before
 merging): ``DATASETS.ROOT`` (where ``voc_2007_trainval``-style names live; "" means
 $DETECTRON2_DATASETS or ./datasets, as in Detectron2) and ``DATASETS.SCENES`` (the
-size of the embedded Fashion-MNIST scene set behind the ``scenes_*`` names).
+embedded Fashion-MNIST scene set behind the ``scenes_*`` names; see transfer.scenes).
 """
-import ast
+import copy
 from pathlib import Path
 
-from mocobench.config import merge, read_mapping
+import yaml
+from yacs.config import CfgNode
+
+from mocobench.config import find_config, merge, read_mapping
 from mocobench.errors import UserError
 
 # Ours: present in both engines' configs.
 EXTRA = {
     "DATASETS": {
         "ROOT": "",
-        "SCENES": {"N_TRAIN": 256, "N_VAL": 64, "SEED": 0, "CANVAS": 128},
+        # transfer.scenes.ensure_demo_scenes' arguments (OBJECTS is (min, max) items per scene,
+        # SCALE the (min, max) item size in multiples of 28 px, BACKGROUND its style).
+        "SCENES": {"N_TRAIN": 256, "N_VAL": 64, "SEED": 0, "CANVAS": 128,
+                   "OBJECTS": [2, 4], "SCALE": [1.0, 2.0], "BACKGROUND": "gradient"},
     },
 }
 
@@ -90,7 +97,7 @@ DEFAULTS = {
         },
     },
     "INPUT": {
-        "MIN_SIZE_TRAIN": [800],
+        "MIN_SIZE_TRAIN": (800,),
         "MIN_SIZE_TRAIN_SAMPLING": "choice",
         "MAX_SIZE_TRAIN": 1333,
         "MIN_SIZE_TEST": 800,
@@ -99,7 +106,7 @@ DEFAULTS = {
         "FORMAT": "BGR",
         "MASK_FORMAT": "polygon",
     },
-    "DATASETS": {"TRAIN": [], "TEST": []},
+    "DATASETS": {"TRAIN": (), "TEST": ()},
     "DATALOADER": {"NUM_WORKERS": 4, "ASPECT_RATIO_GROUPING": True, "FILTER_EMPTY_ANNOTATIONS": True},
     "SOLVER": {
         "LR_SCHEDULER_NAME": "WarmupMultiStepLR",
@@ -110,7 +117,7 @@ DEFAULTS = {
         "WEIGHT_DECAY": 0.0001,
         "WEIGHT_DECAY_NORM": 0.0,
         "GAMMA": 0.1,
-        "STEPS": [30000],
+        "STEPS": (30000,),
         "WARMUP_FACTOR": 1.0 / 1000,
         "WARMUP_ITERS": 1000,
         "WARMUP_METHOD": "linear",
@@ -132,87 +139,70 @@ DEFAULTS = {
 
 
 def defaults() -> dict:
-    return merge(DEFAULTS, EXTRA)
+    return merge(copy.deepcopy(DEFAULTS), copy.deepcopy(EXTRA))
 
 
-def decode(value):
-    """yacs' rule: a string that parses as a Python literal is that literal; tuples become lists."""
-    if isinstance(value, dict):
-        return {k: decode(v) for k, v in value.items()}
-    if isinstance(value, str):
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            return value
-    if isinstance(value, (list, tuple)):
-        return [decode(v) for v in value]
-    return value
-
-
-def read_yaml_with_base(path) -> dict:
-    """Read a Detectron2 YAML file, merging its ``_BASE_`` (relative to the file) underneath."""
-    path = Path(path)
+def read_chain(path) -> list[tuple[Path, dict]]:
+    """The YAML mappings of `path` and of its ``_BASE_`` chain, base first (each without _BASE_)."""
+    path = find_config(path)
     data = read_mapping(path, hint=" (the shipped ones are in configs/detection/)")
     base = data.pop("_BASE_", None)
-    data = decode(data)
-    if base:
-        data = merge(read_yaml_with_base(path.parent / base), data)
-    return data
+    chain = read_chain(path.parent / base) if base else []
+    return chain + [(path, data)]
 
 
-def _types_compatible(new, old) -> bool:
-    if old is None or new is None:
-        return True
-    if isinstance(old, bool) or isinstance(new, bool):
-        return isinstance(old, bool) and isinstance(new, bool)
-    if isinstance(old, float) and isinstance(new, int):
-        return True
-    if isinstance(old, list):
-        return isinstance(new, list)
-    return type(new) is type(old)
+def _dotted(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
 
 
-def _check_keys(data: dict, ref: dict, prefix: str, where: str) -> dict:
-    out = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in ref:
-            raise UserError(f"{where}: {full} is not a key the torchvision engine implements; remove it "
-                            f"or run with --engine detectron2 (which reads every Detectron2 key)")
-        if isinstance(ref[key], dict):
-            if not isinstance(value, dict):
-                raise UserError(f"{where}: {full} is a section; give it as a mapping")
-            out[key] = _check_keys(value, ref[key], full + ".", where)
-            continue
-        if not _types_compatible(value, ref[key]):
-            raise UserError(f"{where}: {full} should be a {type(ref[key]).__name__} like "
-                            f"{ref[key]!r}, got {value!r}")
-        out[key] = float(value) if isinstance(ref[key], float) and isinstance(value, int) else value
-    return out
+def explicit_keys(path, opts=()) -> set[str]:
+    """The dotted keys the config file chain or the KEY VALUE overrides set (as opposed to
+    those left at Detectron2's defaults): an explicit NUM_CLASSES that contradicts the data
+    is refused, a default one follows the data."""
+    keys = {k for _, data in read_chain(path) for k in _dotted(data)}
+    return keys | set(list(opts)[0::2])
 
 
-def opts_to_dict(opts: list[str]) -> dict:
-    """['SOLVER.MAX_ITER', '10', ...] (Detectron2's KEY VALUE pairs) -> nested dict."""
+def _why(e: Exception) -> str:
+    return str(e).strip().strip("'\"").splitlines()[0]
+
+
+def _merge(cfg: CfgNode, where: str, fn) -> None:
+    try:
+        fn()
+    except (KeyError, AssertionError) as e:  # yacs: "Non-existent key: X"
+        raise UserError(f"{where}: {_why(e)}, not a key the torchvision engine implements; remove it "
+                        f"or run with --engine detectron2 (which reads every Detectron2 key)") from None
+    except ValueError as e:  # yacs: "Type mismatch (<class 'float'> vs. <class 'int'>) ... key: K"
+        raise UserError(f"{where}: {_why(e)}; give a value of the default's type (e.g. 1.0 for a float), "
+                        f"as Detectron2 requires") from None
+
+
+def opts_pairs(opts) -> list:
+    opts = list(opts or [])
+    flags = [o for o in opts[0::2] if o.startswith("--")]
+    if flags:
+        raise UserError(f"{flags[0]} comes after the KEY VALUE overrides, which take every argument that "
+                        f"follows them; put {flags[0]} before the first KEY")
     if len(opts) % 2:
         raise UserError(f"overrides come in KEY VALUE pairs (e.g. SOLVER.MAX_ITER 100); "
                         f"{opts[-1]!r} has no value")
-    out: dict = {}
-    for key, raw in zip(opts[0::2], opts[1::2]):
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = decode(raw)
-    return out
+    return opts
 
 
-def load(path, opts: list[str] | None = None) -> dict:
-    """Read `path` (+ KEY VALUE `opts`) into a plain nested dict with every default filled,
-    refusing keys the torchvision engine does not implement."""
-    data = read_yaml_with_base(path)
-    cfg = merge(defaults(), _check_keys(data, defaults(), "", str(path)))
-    over = opts_to_dict(list(opts or []))
-    return merge(cfg, _check_keys(over, defaults(), "", "override"))
+def load(path, opts=None) -> dict:
+    """Read `path` (+ KEY VALUE `opts`) with yacs into a plain nested dict with every
+    default filled, refusing keys the torchvision engine does not implement."""
+    opts = opts_pairs(opts)
+    cfg = CfgNode(defaults())
+    for file, data in read_chain(path):
+        _merge(cfg, str(file), lambda: cfg.merge_from_other_cfg(CfgNode(data)))
+    _merge(cfg, "override", lambda: cfg.merge_from_list(opts))
+    return yaml.safe_load(cfg.dump())  # plain dicts and lists, as the Detectron2 engine's plain()
 
 
 def get(cfg: dict, dotted: str):
