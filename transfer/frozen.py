@@ -9,7 +9,6 @@ model is fit on ``train`` (+ ``val`` where the protocol refits) and ``test`` is 
 once, for the headline.
 """
 import argparse
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from transfer import cls_metrics
 from transfer.features import (FrozenBackbone, Preprocessing, cached_features, load_frozen_backbone,
                                resolve_preprocessing)
 from transfer.outcomes import save_classification
-from transfer.results import dataset_fingerprint, protocol_record, write_results
+from transfer.results import dataset_fingerprint, protocol_record, start_run, write_results
 
 
 @dataclass
@@ -112,9 +111,7 @@ def prepare(output, task: str) -> None:
     if not dist.is_main_process():
         return
     prepare_output(output, f"transfer {task}")  # held until this process ends
-    old = Path(output) / "results.json"
-    if old.is_file():
-        os.replace(old, old.with_name("results.previous.json"))
+    start_run(output)
 
 
 def load_splits(d: DataConfig) -> dict[str, ImageDataset]:
