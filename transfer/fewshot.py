@@ -119,7 +119,7 @@ def _fewshot(run: frozen.Run) -> dict:
             "engine": "sklearn" if s.classifier == "logreg" else "numpy", "name": f"fewshot {headline}",
             "schedule": {"ways": s.ways, "shots": list(s.shots), "queries": s.queries,
                          "episodes": s.episodes, "classifier": s.classifier, "logreg_c": s.logreg_c,
-                         "seed": run.cfg.seed, "drawn_from": "test", "headline_shot": headline_shot},
+                         "drawn_from": "test", "headline_shot": headline_shot},
             "metric": {headline: f"mean over {s.episodes} episodes of the query accuracy (%) of "
                                  f"{s.ways}-way {headline_shot}-shot episodes ({s.queries} queries "
                                  f"per class; {s.classifier} on frozen features)"},

@@ -267,7 +267,7 @@ def _lowshot_result(run, metrics, headline_k, kept, labels, s, ls) -> dict:
     outcomes["samples"] = len(kept)  # rows: the test split once per sample; metric: mean over samples
     return {"metrics": metrics, "engine": "torch-svm", "name": f"lowshot k{headline_k}",
             "schedule": {**_anchor_schedule(s), "k_values": list(ls.k_values), "samples": ls.samples,
-                         "headline_k": headline_k, "seed": run.cfg.seed, "drawn_from": "train",
+                         "headline_k": headline_k, "drawn_from": "train",
                          "selection": f"one cost per (k, sample): best {headline} on val"},
             "metric": frozen.metric_definition(headline, headline, f"mean over {ls.samples} seeded "
                                                f"samples of {headline_k} positives per class"),
