@@ -1,9 +1,15 @@
 """Image data sources shared by pretraining and evaluation.
 
 A data set is named either by a registered name (``fashion-mnist``, the embedded
-demo data) or by a folder in the ImageNet layout (``ROOT/train/<class>/*.jpg``,
-``ROOT/val/<class>/*.jpg``). Adding a source means adding one entry to
-``REGISTRY``; nothing downstream changes.
+demo data, or a standard benchmark read with torchvision: ``cifar10``, ``dtd``, ...;
+see mocobench/datasets.py) or by a folder in the ImageNet layout
+(``ROOT/train/<class>/*.jpg``, ``ROOT/val/<class>/*.jpg``, optionally ``ROOT/test/``).
+Adding a source means adding one entry to ``mocobench.datasets.REGISTRY``; nothing
+downstream changes.
+
+Every registered source has the splits ``train``, ``val`` and ``test``: where a data set
+publishes no validation split, ``val`` is carved from its training split (seeded, per
+class) and ``train`` is the rest, so settings chosen on ``val`` never saw ``test``.
 """
 import gzip
 import multiprocessing
@@ -81,10 +87,36 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 @dataclass
 class Sample:
-    """Where one image comes from: an array in memory or a file on disk."""
-    label: int
+    """Where one image comes from: an array in memory or a file on disk.
+
+    `label` is a class index, or for multi-label data (VOC07 classification) a tuple with
+    one entry per class: 1 present, 0 absent, -1 ignored ("difficult" only)."""
+    label: int | tuple
     path: str | None = None
     array: np.ndarray | None = None
+    id: str | None = None  # a stable name (the path's tail, or split/index for arrays)
+
+    def name(self, index: int) -> str:
+        return self.id or self.path or str(index)
+
+
+# Pillow modes that hold more than 8 bits in one channel: convert("RGB") clips them
+# (a 16-bit PNG turns white), so they are scaled here; 32-bit ones are refused.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of `im`. 16-bit grey images keep their high byte, as Pillow
+    itself reduces 16-bit colour PNGs and TIFFs to RGB; 32-bit integer and float images
+    have no agreed 8-bit meaning and are refused."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        high = (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
+        return Image.fromarray(high).convert("RGB")
+    if im.mode in ("I", "F"):
+        kind = "32-bit integer" if im.mode == "I" else "floating-point"
+        raise ValueError(f"a {kind} image (Pillow mode {im.mode}) has no agreed 8-bit reading; "
+                         "convert it to an 8- or 16-bit PNG")
+    return im.convert("RGB")
 
 
 # Slots of ImageDataset's shared status array: [unreadable count, then (pid, index) per worker].
@@ -108,6 +140,7 @@ class ImageDataset(Dataset):
                  max_unreadable: int = 0):
         self.name, self.samples, self.classes, self.transform = name, samples, classes, transform
         self.max_unreadable = max_unreadable
+        self.split_info: dict = {}  # how this split was made (e.g. carved from train), recorded
         # Shared with the DataLoader workers (created before them, inherited by them): which
         # files were found unreadable, their count, and which sample each worker is loading,
         # so that a worker that dies can be reported with the sample it died on (`iterate`).
@@ -115,8 +148,16 @@ class ImageDataset(Dataset):
         self.status = multiprocessing.RawArray("q", 1 + 2 * _MAX_TRACKED_WORKERS)
 
     @property
-    def targets(self) -> list[int]:
+    def targets(self) -> list:
         return [s.label for s in self.samples]
+
+    @property
+    def multilabel(self) -> bool:
+        return bool(self.samples) and isinstance(self.samples[0].label, tuple)
+
+    def ids(self) -> list[str]:
+        """A stable name per image, in order (for per-example outcomes and fingerprints)."""
+        return [s.name(i) for i, s in enumerate(self.samples)]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -124,9 +165,9 @@ class ImageDataset(Dataset):
     def _decode(self, index: int) -> Image.Image:
         s = self.samples[index]
         if s.array is not None:
-            return Image.fromarray(s.array).convert("RGB")
+            return to_rgb(Image.fromarray(s.array))
         with Image.open(s.path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
 
     def load_image(self, index: int) -> tuple[Image.Image, int]:
         """(image, index of the image actually returned): `index`, or the next readable
@@ -159,15 +200,59 @@ class ImageDataset(Dataset):
         image, index = self.load_image(index)
         if self.transform is not None:
             image = self.transform(image)
-        return image, self.samples[index].label, index
+        label = self.samples[index].label
+        if isinstance(label, tuple):  # multi-label: the loader stacks these into N x C
+            label = np.asarray(label, dtype=np.int64)
+        return image, label, index
 
     def subset(self, max_images: int, seed: int = 0) -> "ImageDataset":
         """A class-balanced-in-expectation random subset (all if max_images <= 0)."""
         if max_images <= 0 or max_images >= len(self):
             return self
         keep = np.sort(np.random.default_rng(seed).permutation(len(self))[:max_images])
-        return ImageDataset(self.name, [self.samples[i] for i in keep], self.classes, self.transform,
-                            self.max_unreadable)
+        return self.select(keep)
+
+    def select(self, indices, name: str | None = None) -> "ImageDataset":
+        """The images at `indices` (in that order), same classes and settings."""
+        ds = ImageDataset(name or self.name, [self.samples[i] for i in indices], self.classes,
+                          self.transform, self.max_unreadable)
+        ds.split_info = dict(self.split_info)
+        return ds
+
+
+def concat(first: ImageDataset, second: ImageDataset) -> ImageDataset:
+    """`first`'s images then `second`'s (same classes), e.g. train + val for a final fit."""
+    if first.classes != second.classes:
+        raise UserError(f"{first.name}: the splits to join have different classes")
+    ds = ImageDataset(first.name, first.samples + second.samples, first.classes, first.transform,
+                      first.max_unreadable)
+    ds.split_info = {"joined": [first.split_info, second.split_info]}
+    return ds
+
+
+def single_labels(samples: list[Sample]) -> np.ndarray:
+    """The class index of each sample; for multi-label samples the first present class
+    (what a per-class draw stratifies on)."""
+    if samples and isinstance(samples[0].label, tuple):
+        return np.asarray([next((c for c, v in enumerate(s.label) if v == 1), 0) for s in samples])
+    return np.asarray([s.label for s in samples], dtype=np.int64)
+
+
+def carve(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the indices of `labels` into (kept, carved): `fraction` of each class, drawn
+    with `seed` (round(fraction * n_c) of a class's n_c images, at least one and at most
+    n_c - 1 where it has two). Per class, so no class is left out of either part."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    carved = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = int(round(fraction * len(members)))
+        n = min(max(n, 1 if len(members) >= 2 else 0), len(members) - 1 if len(members) >= 2 else 0)
+        carved.append(rng.permutation(members)[:n])
+    carved = np.sort(np.concatenate(carved)) if carved else np.zeros(0, dtype=np.int64)
+    kept = np.setdiff1d(np.arange(len(labels)), carved)
+    return kept, carved
 
 
 def iterate(loader):
@@ -195,10 +280,10 @@ def iterate(loader):
                         "check that file, or lower data.num_workers if memory ran out") from None
 
 
-def _fashion_mnist_dataset(split: str) -> ImageDataset:
-    images, labels = fashion_mnist("train" if split == "train" else "test")
-    samples = [Sample(int(y), array=x) for x, y in zip(images, labels)]
-    return ImageDataset("fashion-mnist", samples, list(FASHION_MNIST_CLASSES))
+def fashion_mnist_samples(split: str) -> list[Sample]:
+    """Fashion-MNIST's published split ('train' or 'test') as in-memory samples."""
+    images, labels = fashion_mnist(split)
+    return [Sample(int(y), array=x, id=f"{split}/{i}") for i, (x, y) in enumerate(zip(images, labels))]
 
 
 def _image_folder(root: Path, split: str) -> ImageDataset:
@@ -211,34 +296,48 @@ def _image_folder(root: Path, split: str) -> ImageDataset:
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
     if not classes:
         raise UserError(f"{split_dir} has no class folders; put each class's images in {split_dir}/<class>/")
-    samples = []
+    samples, empty = [], []
     for label, cls in enumerate(classes):
+        found = []
         for dirpath, _, files in os.walk(split_dir / cls, followlinks=True):
-            samples += [Sample(label, path=os.path.join(dirpath, f))
-                        for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+            found += [Sample(label, path=os.path.join(dirpath, f),
+                             id=os.path.relpath(os.path.join(dirpath, f), split_dir))
+                      for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        empty += [cls] if not found else []
+        samples += found
     if not samples:
         raise UserError(f"{split_dir} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if empty:
+        # Refused rather than ignored: an image-less class would still be a class id (the
+        # classifier's chance level and per-class means change), and ignoring it in one
+        # split but not another would shift every later class index.
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise UserError(f"{split_dir} has class folder(s) without images: {shown}; add images "
+                        "or remove the folder(s), in every split")
     return ImageDataset(str(root), samples, classes)
 
 
-# Registered data sets: name -> builder(split). Splits are "train" and "val".
-REGISTRY = {"fashion-mnist": _fashion_mnist_dataset}
-
-
 def build_dataset(source: str, split: str, transform=None, max_images: int = 0,
-                  seed: int = 0, max_unreadable: int = 0) -> ImageDataset:
-    """A registered data set by name, or an ImageNet-layout folder by path; up to
-    `max_unreadable` unreadable files are skipped (see ImageDataset)."""
+                  seed: int = 0, max_unreadable: int = 0, *, root=None, download: bool = False,
+                  val_fraction: float | None = None, split_seed: int = 0) -> ImageDataset:
+    """A registered data set by name (split train / val / test; see mocobench.datasets),
+    or an ImageNet-layout folder by path (split = its subfolder); up to `max_unreadable`
+    unreadable files are skipped (see ImageDataset). `root`: where registered data sets
+    live (else $MOCO_BENCH_DATA); `download`: let torchvision fetch a missing one;
+    `val_fraction` / `split_seed`: the carved validation split of data sets without one."""
+    from mocobench.datasets import REGISTRY, build_registered
+
     if source in REGISTRY:
-        ds = REGISTRY[source](split)
+        ds = build_registered(source, split, root, download, val_fraction, split_seed)
     else:
-        root = Path(source).expanduser()
-        if not root.exists():
+        path = Path(source).expanduser()
+        if not path.exists():
             raise UserError(
                 f"data {source!r} is neither a registered data set ({', '.join(REGISTRY)}) "
                 "nor an existing folder; pass one of those names or an ImageNet-layout folder"
             )
-        ds = _image_folder(root, split)
+        ds = _image_folder(path, split)
+        ds.split_info = {"from": f"{split}/"}
     ds = ds.subset(max_images, seed)
     ds.transform, ds.max_unreadable = transform, max_unreadable
     return ds

@@ -15,6 +15,8 @@ gradients, SyncBN) stay on the GPU and go through NCCL; gloo costs one more set 
 connections at start-up and nothing per step unless a CPU tensor is reduced.
 """
 import os
+import signal
+import sys
 from datetime import timedelta
 
 import torch
@@ -42,8 +44,25 @@ def backend_for(device_type: str) -> str:
     return "cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo"
 
 
+def exit_with_launcher() -> None:
+    """Under torchrun, have the kernel end this rank (SIGTERM) when torchrun dies.
+
+    torchrun stops its workers when it is stopped politely, but a SIGKILLed or OOM-killed
+    torchrun cannot: its ranks trained on as orphans, holding the GPUs and the output folder's
+    lock, with nobody to restart or stop them. Linux only (prctl); elsewhere nothing changes."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher died before the call: nobody would send the signal
+        os._exit(1)
+
+
 def init_distributed(timeout_minutes: int = 30) -> torch.device:
     """Join the process group torchrun describes (if any) and return this rank's device."""
+    exit_with_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()

@@ -132,7 +132,9 @@ class OutputLock:
 def _holder_text(info: dict) -> str:
     if not info:
         return "another process"
-    command = " ".join(info.get("argv") or [])[:120]
+    command = " ".join(info.get("argv") or [])
+    if len(command) > 160:  # keep the line short, but never cut it mid-path without saying so
+        command = command[:150] + " ... (full command in .moco-bench.lock)"
     return (f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
             + (f" ({command})" if command else ""))
 

@@ -85,7 +85,8 @@ def extract_features(model: torch.nn.Module, loader, device, desc: str = "featur
                      dtype: torch.dtype = torch.float32, progress: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run `model` (in eval mode) over `loader`; return CPU (features N x D, labels N)
-    in loader order. Batches are (images, labels, ...) as ImageDataset yields them.
+    in loader order. Batches are (images, labels, ...) as ImageDataset yields them; labels
+    are N class ids, or N x C for multi-label data.
 
     The output is allocated once (len(loader.sampler) rows) rather than
     concatenated, so a 1.28M x 2048 matrix does not need twice its size in RAM.
@@ -109,7 +110,7 @@ def extract_features(model: torch.nn.Module, loader, device, desc: str = "featur
                 continue
             if features is None:
                 features = torch.empty(n, out.shape[1], dtype=dtype)
-                labels = torch.empty(n, dtype=torch.long)
+                labels = torch.empty((n, *target.shape[1:]), dtype=torch.long)  # (n, C): multi-label
             if filled + len(out) > n:
                 raise RuntimeError(f"loader yielded more than len(loader.sampler) = {n} samples")
             features[filled:filled + len(out)] = out

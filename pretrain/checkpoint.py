@@ -128,10 +128,19 @@ def truncate_log(path: Path, step: int) -> None:
 
 # ============ reading ============
 def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; --resume takes a checkpoint file, e.g. {path / LAST}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            magic = f.read(4)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist; pass an existing file to --resume") from None
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive; a truncated one still starts so
+        raise UserError(f"{path} is not a pretrain checkpoint (not a file written by torch.save, "
+                        "e.g. a Detectron2 .pkl); --resume takes a checkpoint written by python -m pretrain")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is truncated or "
                         "corrupt: resume from an earlier checkpoint_epNNNN.pth") from None

@@ -1,6 +1,8 @@
 """What several test modules share: running a tiny real pretraining (plain, under torchrun, or
-with a fault injected), two-process gloo groups, one-line error checks, and a really full
-small file system. Imported as `helpers` (pyproject's pytest `pythonpath` puts tests/ first)."""
+with a fault injected), two-process gloo groups, one-line error checks, a backbone with signal made
+honestly and cheaply (`supervised_checkpoint`), and a really full small file system. Imported as `helpers`
+(pyproject's pytest `pythonpath` puts tests/ first)."""
+import contextlib
 import importlib.util
 import os
 import socket
@@ -98,6 +100,39 @@ def init_gloo(rank: int, world: int, port: int, backend: str = "gloo") -> None:
     torch.set_num_threads(1)
 
 
+def supervised_checkpoint(path: Path, size: int = 32, images: int = 1920, steps: int = 50) -> Path:
+    """ResNet-18 trained supervised for `steps` Adam steps on `images` Fashion-MNIST training
+    images (never the carved val or the test split), saved as a pretrain checkpoint (moco-bench
+    format, so its image_size and normalization travel): a backbone with signal."""
+    import torchvision
+    from torchvision import transforms as T
+
+    from mocobench.data import build_dataset
+    from mocobench.fileio import PRETRAIN_CHECKPOINT_FORMAT, tensor_digest
+
+    torch.manual_seed(0)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    tf = T.Compose([T.Resize(size), T.ToTensor(), T.Normalize(mean, std)])
+    ds = build_dataset("fashion-mnist", "train", tf, max_images=images, seed=123)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor(ds.targets)
+    model = torchvision.models.resnet18(num_classes=10)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,))
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt = {"format": PRETRAIN_CHECKPOINT_FORMAT, "arch": "resnet18", "method": "supervised",
+            "backbone_prefix": "encoder.", "epoch": 0, "step": steps,
+            "state_dict": {f"encoder.{k}": v for k, v in model.state_dict().items()},
+            "normalization": {"mean": mean, "std": std, "input_format": "RGB"}, "image_size": size}
+    torch.save({**ckpt, "checksum": tensor_digest(ckpt)}, path)  # stamped as pretrain does
+    return path
+
+
 # ---------------------------------------------------------------- a really full file system
 def mount_tmpfs(where: Path, size: str) -> None:
     """Mount a tmpfs of `size` (e.g. "256k") at `where`, or skip saying why it cannot be."""
@@ -122,3 +157,13 @@ def fill(path: Path) -> None:
                 f.flush()
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str = "256k"):
+    """mount_tmpfs for the duration of a `with` block (skips the test where mounting is not allowed)."""
+    mount_tmpfs(where, size)
+    try:
+        yield where
+    finally:
+        unmount(where)

@@ -1,9 +1,11 @@
 """transfer linear / knn on real Fashion-MNIST subsets with ResNet-18 at 32 px.
 
 A backbone with signal is made honestly and cheaply here: ResNet-18 trained
-supervised for 50 steps on Fashion-MNIST train images (the probes are scored on
-the test split, which it never saw), saved as a pretrain-format checkpoint.
+supervised for 50 steps on Fashion-MNIST train images (the probes choose settings on
+the carved val split and are scored on the test split, which it never saw), saved
+as a pretrain-format checkpoint (tests/helpers.py).
 """
+import contextlib
 import glob
 import json
 import os
@@ -12,30 +14,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-import torchvision
-from torchvision import transforms as T
 
 import transfer.features as features_mod
 from mocobench.config import load_config
-from mocobench.data import build_dataset
 from mocobench.errors import UserError
-from mocobench.fileio import sha256_file, tensor_digest
+from mocobench.fileio import sha256_file
 from mocobench.knn import topk_accuracy
 from converters import load_backbone
 from transfer import logreg
+from transfer import frozen
 from transfer.features import load_frozen_backbone, resolve_preprocessing
 from transfer.linear import LinearConfig, run
 from transfer.linear_paper import sanity_check, train_linear_paper
 from transfer.results import read_results
 
+from helpers import mounted_tmpfs, supervised_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
 # Small enough for a 2-core CI, large enough that 10-class accuracies are not noise.
-PROBE = [f"data.default_image_size={SIZE}", "data.max_train_images=800", "data.max_val_images=400",
-         "data.num_workers=0", "features.batch_size=200", "fast.l2_grid=[0.001,0.1]",
-         "fast.max_iter=300"]
+PROBE = [f"data.default_image_size={SIZE}", "data.max_train_images=800", "data.max_val_images=200",
+         "data.max_test_images=400", "data.num_workers=0", "features.batch_size=200",
+         "fast.l2_grid=[0.001,0.1]", "fast.max_iter=300"]
 
 
 def config(cache_dir, *extra) -> LinearConfig:
@@ -44,30 +47,7 @@ def config(cache_dir, *extra) -> LinearConfig:
 
 @pytest.fixture(scope="module")
 def signal_weights(tmp_path_factory) -> Path:
-    """ResNet-18 trained supervised for 50 steps on 1920 Fashion-MNIST train images, saved
-    as a pretrain checkpoint (moco-bench format, so its image_size and normalization travel)."""
-    torch.manual_seed(0)
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    tf = T.Compose([T.Resize(SIZE), T.ToTensor(), T.Normalize(mean, std)])
-    ds = build_dataset("fashion-mnist", "train", tf, max_images=1920, seed=123)
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
-    labels = torch.tensor(ds.targets)
-    model = torchvision.models.resnet18(num_classes=10)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(50):
-        idx = torch.randint(0, len(images), (64,))
-        loss = torch.nn.functional.cross_entropy(model(images[idx]), labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("weights") / "supervised_r18.pth"
-    ckpt = {"format": "moco-bench.pretrain/1", "arch": "resnet18", "method": "supervised",
-            "backbone_prefix": "encoder.", "epoch": 0, "step": 50,
-            "state_dict": {f"encoder.{k}": v for k, v in model.state_dict().items()},
-            "normalization": {"mean": mean, "std": std, "input_format": "RGB"}, "image_size": SIZE}
-    torch.save({**ckpt, "checksum": tensor_digest(ckpt)}, path)  # stamped as pretrain does
-    return path
+    return supervised_checkpoint(tmp_path_factory.mktemp("weights") / "supervised_r18.pth", SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +91,11 @@ def test_signal_beats_random_under_fast_and_knn(runs):
 
 def test_second_run_hits_the_cache_without_extracting(runs):
     before, after = runs["extractions"]
-    assert before == 4, "train and val features, once per backbone; kNN reuses them"
+    assert before == 6, "train, val and test features, once per backbone; kNN reuses them"
     assert after == before
-    assert runs["signal_fast_again"]["derived"]["feature_cache"] == {"train": "hit", "val": "hit"}
-    assert runs["signal_knn"]["derived"]["feature_cache"] == {"train": "hit", "val": "hit"}
+    hits = {"train": "hit", "val": "hit", "test": "hit"}
+    assert runs["signal_fast_again"]["derived"]["feature_cache"] == hits
+    assert runs["signal_knn"]["derived"]["feature_cache"] == hits
     assert runs["signal_fast_again"]["metrics"] == runs["signal_fast"]["metrics"]
 
 
@@ -123,7 +104,8 @@ def test_results_files_follow_the_schema(runs, signal_weights):
     assert rec["task"] == "linear" and rec["protocol"]["name"] == "fast"
     assert rec["engine"] in ("sklearn", "torch")
     assert rec["dataset"]["name"] == "fashion-mnist"
-    assert rec["dataset"]["splits"] == {"train": 800, "val": 400}
+    assert rec["dataset"]["splits"] == {"train": 800, "val": 200, "test": 400}
+    assert rec["dataset"]["split_info"]["val"]["part"] == "carved"
     assert rec["weights"]["sha256"] == sha256_file(signal_weights)
     assert rec["weights"]["layout"] == "moco-bench"
     assert rec["weights"]["label"] == "supervised 50 steps"
@@ -132,6 +114,7 @@ def test_results_files_follow_the_schema(runs, signal_weights):
     assert cfg["data"]["image_size"] == SIZE and cfg["data"]["resize_size"] == 37
     assert "image_size from weights" in cfg["derived"]["preprocessing_source"]
     assert cfg["derived"]["l2"] in (0.001, 0.1) and "paper" not in cfg
+    assert set(cfg["derived"]["val_score"]) == {"0.001", "0.1"}
     knn = read_results(runs["random_knn"]["path"])
     assert knn["config"]["data"]["image_size"] == SIZE  # default_image_size: random init has none
     assert knn["task"] == "knn" and set(knn["metrics"]) == {"knn_top1", "knn_top5"}
@@ -139,23 +122,82 @@ def test_results_files_follow_the_schema(runs, signal_weights):
     assert knn["config"]["knn"] == {"k": 200, "temperature": 0.1}
 
 
+def test_protocol_records_say_how_each_number_was_made(runs):
+    fast = read_results(runs["signal_fast"]["path"])["protocol"]
+    assert fast["schedule"]["l2_grid"] == [0.1, 0.001] and "on val" in fast["schedule"]["selection"]
+    assert fast["dataset"]["splits"] == {"train": 800, "val": 200, "test": 400}
+    assert fast["input"]["test"]["crop"] == SIZE and list(fast["metric"]) == ["top1"]
+    knn = read_results(runs["signal_knn"]["path"])["protocol"]
+    assert knn["schedule"]["k_used"] == 200 and knn["name"] == "knn k200 T0.1"
+    assert knn["dataset"] == fast["dataset"], "same images, same fingerprint"
+    # the same protocol for both backbones (comparable), another for another image subset
+    assert read_results(runs["random_fast"]["path"])["protocol"]["id"] == fast["id"]
+    assert read_results(runs["random_knn"]["path"])["protocol"]["id"] == knn["id"]
+
+
+def test_outcomes_reproduce_the_reported_metrics(runs):
+    for name, key in [("signal_fast", "top1"), ("signal_knn", "knn_top1")]:
+        rec = read_results(runs[name]["path"])
+        z = np.load(Path(runs[name]["path"]).parent / "outcomes.npz")
+        assert rec["outcomes"] == {"kind": "classification", "files": ["outcomes.npz"]}
+        assert z["labels"].shape == (400,) and z["topk"].shape == (400, 5)
+        assert len(set(z["ids"])) == 400 and all(i.startswith("test/") for i in z["ids"])
+        assert 100 * (z["topk"][:, 0] == z["labels"]).mean() == pytest.approx(rec["metrics"][key])
+        assert 100 * (z["topk"] == z["labels"][:, None]).any(1).mean() == pytest.approx(
+            rec["metrics"][key.replace("top1", "top5")])
+
+
+def test_knn_with_fewer_training_images_than_k_records_the_k_used(tmp_path):
+    cfg = config(tmp_path / "cache", "data.max_train_images=60", "data.max_val_images=20",
+                 "model.arch=resnet18")
+    out = run("knn", cfg, "random", tmp_path / "knn")
+    rec = read_results(out["path"])
+    assert rec["protocol"]["schedule"]["k_used"] == 80 and rec["protocol"]["name"] == "knn k80 T0.1"
+    assert rec["config"]["derived"]["k_used"] == 80 and rec["config"]["knn"]["k"] == 200
+
+
+@pytest.mark.parametrize("fault", ["read-only", "a file where the folder goes", "full"])
+def test_an_unwritable_feature_cache_warns_and_the_run_still_writes_its_result(
+        fault, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    if fault == "read-only":  # as root, chmod does not stop writes: the save is refused instead
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(features_mod, "atomic_torch_save", refuse)
+    elif fault == "a file where the folder goes":
+        cache.write_text("not a folder")
+    cfg = config(cache, "data.max_train_images=100", "data.max_val_images=20", "data.max_test_images=40",
+                 "model.arch=resnet18")
+    with contextlib.ExitStack() as stack:
+        if fault == "full":  # a real file system smaller than any split's features
+            cfg.features.cache_dir = str(stack.enter_context(mounted_tmpfs(tmp_path / "small", "16k")))
+        out = run("knn", cfg, "random", tmp_path / "out")
+    assert read_results(out["path"])["metrics"]["knn_top1"] >= 0
+    assert out["derived"]["feature_cache"] == {"train": "unwritable", "val": "unwritable",
+                                               "test": "unwritable"}
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "feature cache" in ln]
+    assert len(warnings) == 3
+    assert all(w.startswith("warning: cannot write the feature cache") for w in warnings)
+
+
 def test_torch_solver_agrees_with_sklearn(runs):
     """The ImageNet-scale solver reaches the same accuracy as scikit-learn on real features."""
     stored = [torch.load(p, weights_only=True) for p in glob.glob(str(runs["cache_dir"] / "*.pt"))]
-    train = next(s for s in stored if s["description"]["split"] == "train"
-                 and s["description"]["weights"].startswith("sha256"))
-    val = next(s for s in stored if s["description"]["split"] == "val"
-               and s["description"]["weights"] == train["description"]["weights"])
+    mine = [s for s in stored if s["description"]["weights"].startswith("sha256")]
+    split = {s["description"]["split"]: (s["features"], s["labels"]) for s in mine}
+    (xtr, ytr), (xva, yva), (xte, yte) = split["train"], split["val"], split["test"]
     acc = {}
     for solver in ("sklearn", "torch"):
-        clf = logreg.fit(train["features"], train["labels"], 10, l2=1e-2, solver=solver, max_iter=200)
-        acc[solver] = topk_accuracy(clf.scores(val["features"]), val["labels"], ks=(1,))[1]
+        clf = logreg.fit(xtr, ytr, 10, l2=1e-2, solver=solver, max_iter=200)
+        acc[solver] = topk_accuracy(clf.scores(xte), yte, ks=(1,))[1]
     assert abs(acc["sklearn"] - acc["torch"]) <= 1.0, acc
-    clf, record = logreg.select_and_fit(train["features"], train["labels"], 10, [1e-3, 1e-1], 0.2,
-                                        "torch", max_iter=100, select_max_images=300,
-                                        log=lambda m: None)
-    assert record["search_images"] == 300 and record["holdout_images"] == 160
-    top1 = topk_accuracy(clf.scores(val["features"]), val["labels"], ks=(1,))[1]
+    score = lambda s, y: topk_accuracy(s, y, ks=(1,))[1]  # noqa: E731
+    l2, record, init = logreg.select_l2(xtr, ytr, xva, yva, 10, [1e-3, 1e-1], "torch", score,
+                                        max_iter=100, select_max_images=300, log=lambda m: None)
+    assert record["search_images"] == 300 and record["val_images"] == 200 and init is not None
+    clf, _ = logreg.fit_final(torch.cat([xtr, xva]), torch.cat([ytr, yva]), 10, l2, "torch",
+                              max_iter=100, init=init, log=lambda m: None)
+    top1 = topk_accuracy(clf.scores(xte), yte, ks=(1,))[1]
     assert abs(top1 - acc["sklearn"]) <= 3.0, (top1, acc)
 
 
@@ -172,16 +214,12 @@ def test_torch_solver_streams_row_chunks_like_one_batch():
 
 
 def test_paper_protocol_trains_only_fc_and_keeps_backbone_bit_identical(signal_weights, tmp_path):
-    cfg = config(tmp_path / "cache", "data.max_train_images=256", "data.max_val_images=128",
-                 "paper.epochs=2", "paper.lr_steps=[1]", "paper.batch_size=64", "paper.lr=1.0",
-                 "protocol=paper")
-    backbone = load_frozen_backbone(str(signal_weights))
-    pre = resolve_preprocessing(backbone.meta, SIZE, None, None, None)
-    train = build_dataset("fashion-mnist", "train", None, 256, 0)
-    val = build_dataset("fashion-mnist", "val", None, 128, 0)
-    metrics, derived = train_linear_paper(cfg, backbone, pre, train, val, torch.device("cpu"),
-                                          tmp_path, log=lambda m: None)
-    model = backbone.model
+    cfg = config(tmp_path / "cache", "data.max_train_images=192", "data.max_val_images=64",
+                 "data.max_test_images=128", "paper.epochs=2", "paper.lr_steps=[1]",
+                 "paper.batch_size=64", "paper.lr=1.0", "protocol=paper")
+    r = frozen.start("linear", cfg, str(signal_weights), tmp_path / "out")
+    result = train_linear_paper(r)
+    model = r.backbone.model
     file_tensors = load_backbone(signal_weights).state_dict
     state = model.state_dict()
     assert set(state) - set(file_tensors) == {"fc.weight", "fc.bias"}
@@ -189,17 +227,21 @@ def test_paper_protocol_trains_only_fc_and_keeps_backbone_bit_identical(signal_w
         assert torch.equal(state[k], v), k
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
     assert model.fc.weight.shape == (10, 512)
-    assert derived["lr"] == 1.0 * 64 / 256 and derived["sanity_check"] == "passed"
-    assert 0 <= metrics["top1"] <= 100 and len(derived["history"]) == 2
+    assert r.derived["lr"] == 1.0 * 64 / 256 and r.derived["sanity_check"] == "passed"
+    assert 0 <= result["metrics"]["top1"] <= 100 and len(r.derived["history"]) == 2
+    assert result["schedule"]["fit_on"] == "train + val"
+    z = np.load(tmp_path / "out" / "outcomes.npz")
+    assert 100 * (z["topk"][:, 0] == z["labels"]).mean() == pytest.approx(result["metrics"]["top1"])
 
     model.layer1[0].bn1.running_mean[0] += 1e-6
     with pytest.raises(RuntimeError, match="layer1.0.bn1.running_mean changed"):
-        sanity_check(model, backbone.reference)
+        sanity_check(model, r.backbone.reference)
 
 
 def test_paper_cli_writes_results_and_resumes(signal_weights, tmp_path, capsys):
     args = ["--weights", str(signal_weights), "--output", str(tmp_path / "out"), "--protocol",
-            "paper", "data.max_train_images=128", "data.max_val_images=64", "paper.epochs=1",
+            "paper", "data.max_train_images=128", "data.max_val_images=32",
+            "data.max_test_images=64", "paper.epochs=1",
             "paper.batch_size=64", "paper.lr=1.0", *PROBE[:1], "data.num_workers=0"]
     from transfer.linear import main_linear
 
@@ -283,7 +325,8 @@ def _torchrun(*args):
 def test_torchrun_two_processes_match_one(tmp_path):
     """Sharded extraction + gather (gloo) gives the features one process gets."""
     common = ["--weights", "random", "--arch", "resnet18", *PROBE, "data.max_train_images=300",
-              "data.max_val_images=100", f"features.cache_dir={tmp_path / 'cache'}"]
+              "data.max_val_images=50", "data.max_test_images=101",
+              f"features.cache_dir={tmp_path / 'cache'}"]
     _torchrun("knn", "--output", str(tmp_path / "two"), *common)
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["config"]["derived"]["world_size"] == 2
@@ -296,7 +339,7 @@ def test_torchrun_paper_protocol_splits_the_batch(tmp_path):
     """DDP over the fc (gloo), global batch split over 2 processes, sanity check on rank 0."""
     proc = _torchrun("linear", "--protocol", "paper", "--weights", "random", "--arch", "resnet18",
                      "--output", str(tmp_path / "out"), f"data.default_image_size={SIZE}",
-                     "data.max_train_images=96", "data.max_val_images=50",
+                     "data.max_train_images=96", "data.max_val_images=24", "data.max_test_images=51",
                      "data.num_workers=0", "paper.epochs=1", "paper.batch_size=48", "paper.lr=0.1")
     rec = read_results(tmp_path / "out" / "results.json")
     derived = rec["config"]["derived"]
@@ -311,15 +354,40 @@ def test_protocol_benchmark_runs_side_by_side(tmp_path):
     from benchmarks.linear_protocols import compare
 
     overrides = [f"data.default_image_size={SIZE}", "data.max_train_images=96",
-                 "data.max_val_images=48", "data.num_workers=0", "fast.l2_grid=[0.01]",
+                 "data.max_val_images=24", "data.max_test_images=48", "data.num_workers=0",
+                 "fast.l2_grid=[0.01]",
                  "paper.epochs=1", "paper.batch_size=48", "paper.lr=0.1"]
     summary = compare("random", tmp_path, None, overrides, arch="resnet18")
     assert [r["run"] for r in summary["rows"]] == ["fast (cold cache)", "fast (warm cache)",
                                                    "knn", "paper", "paper SGD on eval-view features"]
     cold, warm = (read_results(r["results"])["config"]["derived"]["feature_cache"]
                   for r in summary["rows"][:2])
-    assert cold == {"train": "miss", "val": "miss"} and warm == {"train": "hit", "val": "hit"}
+    assert cold == {"train": "miss", "val": "miss", "test": "miss"}
+    assert warm == {"train": "hit", "val": "hit", "test": "hit"}
     saved = json.loads((tmp_path / "linear_protocols.json").read_text())
     assert saved["speedup_fast_cold"] == summary["rows"][0]["paper_time_over_this"]
     assert saved["scale"]["max_train_images"] == 96 and saved["paper_epochs"] == 1
     assert 0 <= saved["top1_paper_sgd_on_eval_features"] <= 100
+
+
+def test_a_second_run_into_a_busy_folder_is_refused_and_an_old_result_never_passes_for_new(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from mocobench.fileio import prepare_output; "
+         "prepare_output(sys.argv[1], 'test'); print('locked', flush=True); time.sleep(60)",
+         str(tmp_path / "busy")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = config(tmp_path / "cache", "model.arch=resnet18")
+        busy = rf"in use by pid {holder.pid} .*two runs must not write one folder"
+        with pytest.raises(UserError, match=busy):
+            run("knn", cfg, "random", tmp_path / "busy")
+    finally:
+        holder.kill()
+        holder.wait()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text('{"an": "earlier run"}')
+    cfg = config(tmp_path / "cache", "model.arch=resnet18", f"data.source={tmp_path / 'nowhere'}")
+    with pytest.raises(UserError, match="neither a registered data set"):
+        run("knn", cfg, "random", tmp_path / "old")  # fails after the folder was prepared
+    assert not (tmp_path / "old" / "results.json").exists()
+    assert (tmp_path / "old" / "results.previous.json").read_text() == '{"an": "earlier run"}'

@@ -76,6 +76,11 @@ def _report_read_only_output(tmp):
     return [str(ROOT / "tests/fixtures/results/good/knn"), "--output", str(out)]
 
 
+def _written(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
 def _pretrain(*overrides):
     return lambda tmp: ["--config", PRETRAIN_DEMO, "--output", str(tmp / "out"), *overrides]
 
@@ -173,6 +178,24 @@ def _regular_file(tmp) -> Path:
     return tmp / "a file"
 
 
+# ---- linear / knn / suite helpers ----
+def _empty_class(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b", "empty"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            if cls != "empty":
+                Image.new("RGB", (8, 8)).save(tmp_path / "data" / split / cls / "x.png")
+    return tmp_path / "data"
+
+
+def _random_run(tmp_path, *args, output=None, features=True):
+    """A classification task on the random-init baseline: no checkpoint needed."""
+    return ["--weights", "random", "--arch", "resnet18", "--output", str(output or tmp_path / "out"),
+            *(["features.cache=false"] if features else []), "data.num_workers=0", *args]
+
+
 CASES = [
     # ---- configs, every CLI that reads one (mocobench.config) ----
     ("binary config", "pretrain",
@@ -191,6 +214,11 @@ CASES = [
     ("amp fp8", "pretrain", _pretrain("train.amp=fp8"), r"train.amp='fp8'.*one of none, bf16, fp16"),
     ("fp16 on CPU", "pretrain", _pretrain("train.amp=fp16"), r"train.amp=fp16 needs a GPU"),
     ("schedule linear", "pretrain", _pretrain("train.schedule=linear"), r"train.schedule='linear'.*one of cos, step"),
+    ("resume from a folder", "pretrain", lambda tmp: [*_pretrain()(tmp), "--resume", str(tmp)],
+     r"is a folder; --resume takes a checkpoint file"),
+    ("resume from a .pkl", "pretrain",
+     lambda tmp: [*_pretrain()(tmp), "--resume", str(_written(tmp / "w.pkl", b"\x80\x04}q\x00."))],
+     r"w.pkl is not a pretrain checkpoint \(not a file written by torch.save"),
     ("momentum 1", "pretrain", _pretrain("moco.momentum=1"), r"moco.momentum=1.0 is not allowed: it must be less than 1"),
     ("temperature 0", "pretrain", _pretrain("moco.temperature=0"), r"moco.temperature=0.0 is not allowed"),
     ("dictionary bank", "pretrain", _pretrain("moco.dictionary=bank"), r"moco.dictionary='bank'.*queue, end_to_end, memory_bank"),
@@ -225,6 +253,31 @@ CASES = [
      lambda tmp: ["torchvision", _two_backbones(tmp), str(tmp / "o.pth")],
      r"two\.pth holds two different backbones, 'state_dict' \(unprefixed keys\) and 'model' .* save only"),
     # ---- transfer linear / knn / suite ----
+    ("linear output inside a file", "transfer.linear",
+     lambda tmp: _random_run(tmp, output=_regular_file(tmp) / "out"),
+     r"is a file, not a folder; choose another output folder"),
+    ("knn unknown data", "transfer.knn", lambda tmp: _random_run(tmp, "--data", str(tmp / "nowhere")),
+     r"is neither a registered data set \(fashion-mnist, cifar10, .*\) nor an existing folder"),
+    ("svm data set not on disk", "transfer.svm",
+     lambda tmp: _random_run(tmp, "--data", "cifar10", "--data-root", str(tmp)),
+     r"cifar10 train split cannot be read from .*cifar-10-batches-py .*--download on a connected machine"),
+    ("knn empty class folder", "transfer.knn", lambda tmp: _random_run(tmp, "--data", str(_empty_class(tmp))),
+     r"class folder\(s\) without images: empty; add images or remove"),
+    ("svm negative cost", "transfer.svm", lambda tmp: _random_run(tmp, "svm.costs=[0.1,-1]"),
+     r"svm.costs=\[0.1, -1(\.0)?\] is not allowed: it must be more than 0"),
+    ("linear bad score split", "transfer.linear", lambda tmp: _random_run(tmp, "data.score_split=train"),
+     r"data.score_split='train' is not allowed: it must be one of test, val"),
+    ("fewshot headline not run", "transfer.fewshot",
+     lambda tmp: _random_run(tmp, "fewshot.shots=[1]", "fewshot.headline_shot=5"),
+     r"fewshot.headline_shot=5 is not one of fewshot.shots \[1\]"),
+    ("fewshot more ways than classes", "transfer.fewshot",
+     lambda tmp: _random_run(tmp, "fewshot.ways=11", "fewshot.shots=[1]", "data.max_test_images=400",
+                             "data.default_image_size=32"),
+     r"11-way 1-shot episodes with 15 queries need 11 classes with 16 test images each; 10 have them"),
+    ("finetune missing subset list", "transfer.finetune",
+     lambda tmp: _random_run(tmp, f"subset.file={tmp / '1percent.txt'}", "data.max_train_images=50",
+                             features=False),
+     r"subset.file .*1percent.txt does not exist; pass SimCLR's 1percent.txt"),
     # ---- transfer detect ---- (helpers at the end of the file)
     ("detect output inside a file", "transfer.detect",
      lambda tmp: _detect(tmp, output=_regular_file(tmp) / "out"), r"is a file, not a folder"),

@@ -3,6 +3,8 @@ distributed path on two real gloo processes, exact resume, and bad inputs."""
 import copy
 import os
 import time
+import subprocess
+from pathlib import Path
 import json
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from helpers import DEMO, TINY, free_port, init_gloo, one_line_error, run_pretrain, tiny_moco
+from helpers import DEMO, ROOT, TINY, _env, free_port, init_gloo, one_line_error, pretrain_command, run_pretrain, tiny_moco
 from pretrain.builder import MoCo, SplitBatchNorm
 
 # ---------------------------------------------------------------- algorithm
@@ -356,6 +358,37 @@ def test_torchrun_two_processes_train_write_a_checkpoint_and_destroy_the_group(t
     ckpt = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["world_size"] == 2
     assert int(ckpt["state_dict"]["queue_ptr"]) == (3 * 16) % 64
+
+
+def test_ranks_end_when_torchrun_is_killed(tmp_path):
+    # SIGKILL gives torchrun no chance to stop its workers; without PR_SET_PDEATHSIG they
+    # trained on as orphans, holding the output folder's lock (and, on a node, the GPUs).
+    out = tmp_path / "out"
+    launcher = subprocess.Popen(pretrain_command(out, "train.epochs=10000", nproc=2), cwd=ROOT,
+                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text().strip():
+            assert launcher.poll() is None and time.monotonic() < deadline, "pretraining never logged"
+            time.sleep(0.5)
+        ranks = [int(p) for p in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+        assert len(ranks) == 2
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 60
+        while any(Path(f"/proc/{r}").exists() and "Z" not in _proc_state(r) for r in ranks):
+            assert time.monotonic() < deadline, "the ranks outlived torchrun"
+            time.sleep(0.5)
+    finally:
+        launcher.kill()
+        subprocess.run(["pkill", "-9", "-f", str(out)], capture_output=True)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"
 
 
 # ---------------------------------------------------------------- resume

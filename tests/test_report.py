@@ -707,12 +707,16 @@ def test_read_only_output_is_one_line(tmp_path, capsys):
 def test_missing_status_round_trip_and_validation(tmp_path):
     common = dict(task="linear", dataset={"name": "fashion-mnist", "splits": {}},
                   weights={"path": None, "sha256": None, "label": "supervised ImageNet", "layout": None},
-                  engine="sklearn", protocol="fast", config={}, seed=0, wall_time_s=0.0, metrics={})
+                  engine="sklearn", protocol={}, config={}, seed=0, wall_time_s=0.0, metrics={})
     p = write_results(tmp_path / "a", status="missing", reason="place the file there", **common)
     rec = read_results(p)
     assert rec["status"] == "missing" and rec["reason"] == "place the file there"
-    p = write_results(tmp_path / "b", **{**common, "metrics": {"top1": 1.0}})
+    full = protocol_record(name="fast", task="linear", engine="sklearn", metric={"top1": "top-1"},
+                           schedule={"l2": 0.1}, input={"crop": 32}, dataset=common["dataset"])
+    p = write_results(tmp_path / "b", **{**common, "protocol": full, "metrics": {"top1": 1.0}})
     assert "status" not in read_results(p)
+    with pytest.raises(UserError, match="field 'protocol' should be dict, got a str"):  # a bare name says too little
+        write_results(tmp_path / "e", **{**common, "protocol": "fast", "metrics": {"top1": 1.0}})
     with pytest.raises(UserError, match="status 'missing' needs a 'reason'"):
         write_results(tmp_path / "c", status="missing", **common)
     with pytest.raises(UserError, match="status 'gone' is not one of ok, missing, failed"):

@@ -1,4 +1,4 @@
-"""python -m transfer {linear,knn,detect,segment,bench,report} ...
+"""python -m transfer {linear,knn,svm,lowshot,fewshot,finetune,detect,segment,bench,report} ...
 
 Each task lives in its own module with a ``main(argv)``; importing it lazily
 keeps optional engines (Detectron2, MMSegmentation) out of the other tasks.
@@ -9,6 +9,10 @@ import sys
 TASKS = {
     "linear": ("transfer.linear", "linear probe of a frozen backbone (fast or paper protocol)"),
     "knn": ("transfer.linear", "weighted kNN on frozen features"),
+    "svm": ("transfer.svm", "per-class linear SVMs, costs cross-validated (VOC07 SVM benchmark)"),
+    "lowshot": ("transfer.svm", "low-shot linear SVMs: k per class, seeded samples, mean +- std"),
+    "fewshot": ("transfer.fewshot", "N-way K-shot episodes on frozen features, mean and 95% CI"),
+    "finetune": ("transfer.finetune", "full fine-tuning; semi-supervised 1% / 10% label subsets"),
     "detect": ("transfer.detect", "detection fine-tuning (Detectron2 or torchvision)"),
     "segment": ("transfer.segment", "semantic segmentation fine-tuning (MMSegmentation)"),
     "bench": ("transfer.bench", "pretrain -> convert -> every transfer task -> report"),

@@ -8,11 +8,13 @@ Feature cache: one ``.pt`` file per (weights, data set, split, subsample,
 transform, dtype), named by the sha256 of that description, under
 ``features.cache_dir`` (default ``$MOCO_BENCH_CACHE/features`` or
 ``~/.cache/moco-bench/features``). The description includes the weights'
-sha256 and, for folders, a hash of every image path and label; replacing an
-image's content under the same name is not detected (delete the cache then).
+sha256 and a hash of every image's path (or id, for in-memory images) and label;
+replacing an image's content under the same name is not detected (delete the cache then).
+A cache folder that cannot be written is warned about once per split, and the run goes on.
 """
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from transfer.results import weights_record
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 DEFAULT_IMAGE_SIZE = 224
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: in-memory images are identified by their ids too
 
 
 @dataclass
@@ -136,7 +138,7 @@ def dataset_identity(ds) -> dict:
     """What a data set's features depend on besides weights and transform."""
     h = hashlib.sha256()
     for s in ds.samples:
-        h.update(f"{s.label}\t{s.path or ''}\n".encode())
+        h.update(f"{s.label}\t{s.path or s.id or ''}\n".encode())
     return {"name": ds.name, "images": len(ds), "samples_sha256": h.hexdigest()}
 
 
@@ -246,13 +248,28 @@ def cached_features(backbone: FrozenBackbone, ds, split: str, pre: Preprocessing
         raise RuntimeError("extracted labels are out of order with the data set")
     if cache:
         info["cache"] = "miss"
-        if dist.is_main_process():
-            atomic_torch_save({"description": description, "features": feats, "labels": labels},
-                              path)
+        if dist.is_main_process() and not _save_cache(path, description, feats, labels):
+            info["cache"] = "unwritable"
+        elif dist.is_main_process():
             log(f"{split}: extracted {tuple(feats.shape)} features, cached at {path}")
     else:
         log(f"{split}: extracted {tuple(feats.shape)} features (cache off)")
     return feats, labels, info
+
+
+def _save_cache(path: Path, description: dict, feats, labels) -> bool:
+    """Save the features for the next run; a cache that cannot be written (read-only,
+    full, a file where the folder should be) costs the next run an extraction, never this
+    run its result: warn and carry on."""
+    try:
+        atomic_torch_save({"description": description, "features": feats, "labels": labels}, path)
+        return True
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError
+        reason = (getattr(e, "strerror", None) or str(e).splitlines()[0])[:200]
+        print(f"warning: cannot write the feature cache {path} ({reason}); carrying on without "
+              "it (set features.cache_dir to a writable folder to reuse these features)",
+              file=sys.stderr, flush=True)
+        return False
 
 
 def _load_cache(path: Path, description: dict, ds):

@@ -5,105 +5,69 @@
     python -m transfer knn    --weights W --data DATA --output DIR [...]
     torchrun --nproc_per_node 8 -m transfer linear --protocol paper ...
 
-Protocols:
-- ``paper``: MoCo's main_lincls recipe (transfer.linear_paper): frozen backbone
-  in eval mode, only fc trains with SGD, lr 30 per 256 images, 100 epochs.
-- ``fast``: pooled features extracted once with the eval transform and cached
-  (transfer.features), then multinomial logistic regression with the L2
-  strength chosen on held-out training images (transfer.logreg).
-- ``knn`` (its own task): weighted kNN, k=200, T=0.1, cosine, on the same
-  cached features (mocobench.knn).
+Splits: train / val / test (mocobench.datasets.evaluation_splits); test is scored once.
 
-W is a checkpoint `converters.load_backbone` reads, or ``random`` with
-``--arch`` for the random-init baseline. Each run writes DIR/results.json.
+- ``fast`` (linear): pooled features extracted once with the eval transform and cached
+  (transfer.features); logistic regression with the L2 strength chosen by the data set's
+  metric on val, refit on train + val (ssl-transfer's linear.py; transfer.logreg).
+- ``paper`` (linear): MoCo's main_lincls recipe (transfer.linear_paper): frozen backbone
+  in eval mode, only fc trains with SGD, lr 30 per 256 images, 100 epochs, on train + val.
+- ``knn`` (its own task): weighted kNN, k=200, T=0.1, cosine, of the test images on the
+  train + val features (mocobench.knn); k is clipped to the bank and the k used recorded.
+
+W is a checkpoint `converters.load_backbone` reads, or ``random`` with ``--arch`` for
+the random-init baseline. Each run writes DIR/results.json and DIR/outcomes.npz.
 """
-import argparse
-import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from mocobench import dist
-from mocobench.config import load_config, to_dict
-from mocobench.data import build_dataset
+from mocobench.config import setting, to_dict
 from mocobench.errors import UserError, cli
-from mocobench.knn import topk_accuracy, weighted_knn
-from transfer import logreg
-from transfer.features import cached_features, load_frozen_backbone, resolve_preprocessing
-from transfer.results import write_results
+from mocobench.knn import weighted_knn
+from transfer import cls_metrics, frozen, logreg
+from transfer.frozen import DataConfig, FeatureConfig, ModelConfig
 
 PROTOCOLS = ("fast", "paper")
 
 
 @dataclass
-class DataConfig:
-    source: str = "fashion-mnist"  # --data: a registered name or an ImageNet-layout folder
-    max_train_images: int = 0  # random subset of the train split (0 = all); for smoke runs
-    max_val_images: int = 0  # random subset of the val split (0 = all)
-    subsample_seed: int = 0
-    # Preprocessing travels with the weights: None takes the checkpoint's image_size
-    # and normalization when it records them, else default_image_size and ImageNet's mean/std.
-    image_size: int | None = None  # crop size
-    default_image_size: int = 224  # for weights that record none (torchvision files, random init)
-    resize_size: int | None = None  # eval Resize before CenterCrop; None = image_size * 256/224
-    mean: list[float] | None = None  # RGB, for ToTensor's [0, 1] range
-    std: list[float] | None = None
-    num_workers: int = 4  # data loader workers per process
-
-
-@dataclass
-class ModelConfig:
-    arch: str | None = None  # required with --weights random; else checked against the weights
-    init_seed: int = 0  # seed of the random-init baseline's weights
-
-
-@dataclass
-class FeatureConfig:
-    batch_size: int = 256  # images per extraction batch, per process
-    cache: bool = True  # reuse features of identical (weights, data, transform) runs
-    cache_dir: str | None = None  # None: $MOCO_BENCH_CACHE/features or ~/.cache/moco-bench/features
-    dtype: str = "float32"  # float16 halves the cache (ImageNet train: 5 GB instead of 10)
-
-
-@dataclass
 class FastConfig:
-    solver: str = "auto"  # sklearn | torch | auto (sklearn up to sklearn_max_elements values)
+    solver: str = setting("auto", choices=logreg.SOLVERS)  # auto: sklearn up to sklearn_max_elements
     sklearn_max_elements: int = 20_000_000  # ~40k x 512 or ~10k x 2048 features
-    # L2 strengths (of the mean loss, on standardised features) tried on the held-out part.
-    l2_grid: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
-    holdout_fraction: float = 0.2  # of the training split, for choosing l2; then refit on all
-    select_max_images: int = 0  # fit the l2 search on at most this many of the rest (0 = all)
-    max_iter: int = 1000  # L-BFGS iterations per fit
-    tol: float = 1e-4
+    # L2 strengths (of the mean loss, on standardised features) tried on the validation split.
+    l2_grid: list[float] = setting([1e-5, 1e-4, 1e-3, 1e-2, 1e-1], gt=0)
+    select_max_images: int = setting(0, ge=0)  # fit the l2 search on at most this many (0 = all)
+    max_iter: int = setting(1000, ge=1)  # L-BFGS iterations per fit
+    tol: float = setting(1e-4, gt=0)
 
 
 @dataclass
 class PaperConfig:
     # MoCo main_lincls.py defaults (moco@7397dfe, README "Linear Classification").
-    epochs: int = 100
-    batch_size: int = 256  # global, over all processes
-    lr: float = 30.0  # per 256 images, scaled linearly to the global batch
+    epochs: int = setting(100, ge=1)
+    batch_size: int = setting(256, ge=1)  # global, over all processes
+    lr: float = setting(30.0, gt=0)  # per 256 images, scaled linearly to the global batch
     lr_steps: list[int] = field(default_factory=lambda: [60, 80])  # epochs where lr x 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area
-    eval_every: int = 1  # evaluate every N epochs (0 = only after the last); the last always is
+    momentum: float = setting(0.9, ge=0)
+    weight_decay: float = setting(0.0, ge=0)
+    crop_scale: list[float] = setting([0.08, 1.0], length=2, gt=0, le=1)  # RandomResizedCrop area
+    eval_every: int = setting(1, ge=0)  # evaluate every N epochs (0 = only after the last)
     resume: bool = True  # continue from DIR/checkpoint.pth when it is there
 
 
 @dataclass
 class KnnConfig:
-    k: int = 200  # neighbours (Wu et al. 2018; MoCo's CIFAR demo)
-    temperature: float = 0.1
+    k: int = setting(200, ge=1)  # neighbours (Wu et al. 2018; MoCo's CIFAR demo)
+    temperature: float = setting(0.1, gt=0)
 
 
 @dataclass
 class LinearConfig:
-    protocol: str = "fast"  # --protocol: fast | paper
+    protocol: str = setting("fast", choices=PROTOCOLS)  # --protocol: fast | paper
     seed: int = 0
-    device: str = "auto"  # auto (the GPU torchrun assigns, else CPU) | cpu
+    device: str = setting("auto", choices=("auto", "cpu"))  # auto: the GPU torchrun assigns, else CPU
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -112,70 +76,92 @@ class LinearConfig:
     knn: KnnConfig = field(default_factory=KnnConfig)
 
 
-def _log(msg: str) -> None:
-    if dist.is_main_process():
-        print(f"[linear] {msg}", flush=True)
-
-
-def _build_data(cfg: LinearConfig):
-    d = cfg.data
-    train = build_dataset(d.source, "train", None, d.max_train_images, d.subsample_seed)
-    val = build_dataset(d.source, "val", None, d.max_val_images, d.subsample_seed)
-    if train.classes != val.classes:
-        raise UserError(f"{d.source}: train/ and val/ have different class folders "
-                        f"({len(train.classes)} vs {len(val.classes)}); make them the same")
-    if len(train.classes) < 2:
-        raise UserError(f"{d.source} has {len(train.classes)} class; a classifier needs at least 2")
-    return train, val
-
-
-def _dataset_record(cfg: LinearConfig, train, val) -> dict:
-    d = cfg.data
-    return {"name": train.name,
-            "splits": {"train": len(train), "val": len(val)},
-            "num_classes": len(train.classes),
-            "subsample": {"max_train_images": d.max_train_images,
-                          "max_val_images": d.max_val_images, "seed": d.subsample_seed}}
-
-
-def _device(cfg: LinearConfig) -> torch.device:
-    device = dist.init_distributed()
-    if cfg.device == "cpu":
-        if dist.get_world_size() > 1 and device.type == "cuda":
-            raise UserError("device=cpu under torchrun on a GPU machine would mix NCCL and CPU "
-                            "tensors; hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPUs")
-        return torch.device("cpu")
-    if cfg.device != "auto":
-        raise UserError(f"device={cfg.device!r} is not one of auto, cpu")
-    return device
-
-
-def _features(cfg, backbone, pre, train, val, device):
-    common = dict(device=device, batch_size=cfg.features.batch_size,
-                  num_workers=cfg.data.num_workers, cache=cfg.features.cache,
-                  cache_dir=cfg.features.cache_dir, dtype=cfg.features.dtype, log=_log)
-    sub = lambda n: {"max_images": n, "seed": cfg.data.subsample_seed}  # noqa: E731
-    xtr, ytr, itr = cached_features(backbone, train, "train", pre,
-                                    subsample=sub(cfg.data.max_train_images), **common)
-    xva, yva, iva = cached_features(backbone, val, "val", pre,
-                                    subsample=sub(cfg.data.max_val_images), **common)
-    return xtr, ytr, xva, yva, {"train": itr["cache"], "val": iva["cache"]}
-
-
-def _config_record(cfg: LinearConfig, task: str, derived: dict) -> dict:
-    """The resolved config with only the sections this task used, plus derived values."""
+def _config_record(cfg: LinearConfig, task: str) -> dict:
+    """The resolved config with only the sections this task used."""
     out = to_dict(cfg)
-    keep = {"knn": {"knn"}, "fast": {"fast"}, "paper": {"paper"}}[
-        "knn" if task == "knn" else cfg.protocol]
+    used = "knn" if task == "knn" else cfg.protocol
     for section in ("fast", "paper", "knn"):
-        if section not in keep:
+        if section != used:
             out.pop(section)
     if task == "knn":
         out.pop("protocol")
-    if task == "linear" and cfg.protocol == "paper":
+    if used == "paper":
         out.pop("features")
-    out["derived"] = derived
     return out
+
+
+def _fast(run: frozen.Run) -> dict:
+    f, cfg = run.cfg.fast, run.cfg
+    feats = frozen.split_features(run)
+    if not dist.is_main_process():
+        return {}
+    (xtr, ytr), (xva, yva), (xte, yte) = feats["train"], feats["val"], feats["test"]
+    solver = logreg.choose_solver(f.solver, xtr, f.sklearn_max_elements)
+    num_classes = len(run.splits["train"].classes)
+    score = lambda s, y: cls_metrics.classification_metrics(s, y, run.headline)[run.headline]  # noqa: E731
+    run.log(f"logistic regression ({solver}) on {tuple(xtr.shape)} features, l2 grid {f.l2_grid} "
+            f"chosen by {run.headline} on {len(xva)} val images")
+    l2, search, init = logreg.select_l2(xtr, ytr, xva, yva, num_classes, f.l2_grid, solver, score,
+                                        f.max_iter, f.tol, run.device, cfg.seed, f.select_max_images,
+                                        log=run.log)
+    x, y = torch.cat([xtr, xva]), torch.cat([ytr, yva])
+    del feats, xtr, xva
+    clf, refit = logreg.fit_final(x, y, num_classes, l2, solver, f.max_iter, f.tol, run.device, init,
+                                  log=run.log)
+    scores = clf.scores(xte, run.device)
+    run.derived.update(search, **refit)
+    schedule = {"protocol": "fast", "solver": solver, "l2_grid": search["l2_grid"],
+                "selection": f"{run.headline} on val; refit on train + val",
+                "select_max_images": f.select_max_images, "max_iter": f.max_iter, "tol": f.tol,
+                "features": "standardised pooled features of the eval transform"}
+    return {"metrics": cls_metrics.classification_metrics(scores, yte, run.headline),
+            "engine": solver, "name": "fast", "schedule": schedule,
+            "metric": frozen.metric_definition(run.headline, run.headline,
+                                               "logistic regression on frozen features"),
+            "outcomes": frozen.save_outcomes(run, yte.numpy(), scores=scores.numpy())}
+
+
+def _knn(run: frozen.Run) -> dict:
+    k, t = run.cfg.knn.k, run.cfg.knn.temperature
+    if run.splits["train"].multilabel:
+        raise UserError(f"{run.splits['train'].name} is multi-label; kNN votes for one class per "
+                        "image: use `transfer linear` or `transfer svm` on it")
+    feats = frozen.split_features(run)
+    if not dist.is_main_process():
+        return {}
+    bank = torch.cat([feats["train"][0], feats["val"][0]])
+    bank_labels = torch.cat([feats["train"][1], feats["val"][1]])
+    (xte, yte) = feats["test"]
+    used = min(k, len(bank))
+    if used < k:
+        run.log(f"warning: knn.k={k} but the bank holds {len(bank)} images: k={used} is used "
+                "(and recorded)")
+    run.log(f"weighted kNN (k={used}, T={t:g}, cosine) of {len(xte)} test on {len(bank)} "
+            "train + val features")
+    scores = weighted_knn(bank, bank_labels, xte, len(run.splits["train"].classes), k=used,
+                          temperature=t, device=run.device)
+    run.derived["k_used"] = used
+    headline = f"knn_{run.headline}"
+    return {"metrics": cls_metrics.classification_metrics(scores, yte, run.headline, prefix="knn_"),
+            "engine": "torch", "name": f"knn k{used} T{t:g}",
+            "schedule": {"k": k, "k_used": used, "temperature": t, "similarity": "cosine",
+                         "bank": "train + val", "bank_images": len(bank)},
+            "metric": frozen.metric_definition(headline, run.headline,
+                                               f"weighted kNN vote (k={used}, T={t:g}, cosine)"),
+            "outcomes": frozen.save_outcomes(run, yte.numpy(), scores=scores.numpy())}
+
+
+def _paper(run: frozen.Run) -> dict:
+    from transfer.linear_paper import train_linear_paper
+
+    if run.splits["train"].multilabel:
+        raise UserError(f"{run.splits['train'].name} is multi-label; the paper protocol trains a "
+                        "softmax classifier: use --protocol fast on it")
+    result = train_linear_paper(run)
+    if not dist.is_main_process():
+        return {}
+    return {**result, "metric": frozen.metric_definition(
+        run.headline, run.headline, "fc trained with SGD on frozen features (main_lincls)")}
 
 
 def run(task: str, cfg: LinearConfig, weights: str, output, label: str | None = None,
@@ -183,149 +169,28 @@ def run(task: str, cfg: LinearConfig, weights: str, output, label: str | None = 
     """Evaluate `weights` with `task` ("linear" or "knn"); write output/results.json.
 
     Returns {"metrics": ..., "derived": ..., "path": results.json or None (non-main ranks)}."""
-    t0 = time.time()
-    if task == "linear" and cfg.protocol not in PROTOCOLS:
-        raise UserError(f"protocol {cfg.protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    device = _device(cfg)
-    if dist.is_main_process():
-        _check_output(Path(output))
-    torch.manual_seed(cfg.seed)
-    backbone = load_frozen_backbone(weights, cfg.model.arch, cfg.model.init_seed, label,
-                                    allow_pickle)
-    cfg.model.arch = backbone.arch
-    pre = resolve_preprocessing(backbone.meta, cfg.data.image_size, cfg.data.resize_size,
-                                cfg.data.mean, cfg.data.std, cfg.data.default_image_size)
-    cfg.data.image_size, cfg.data.resize_size = pre.image_size, pre.resize_size
-    cfg.data.mean, cfg.data.std = pre.mean, pre.std
-    train, val = _build_data(cfg)
-    num_classes = len(train.classes)
-    what = "knn" if task == "knn" else f"linear ({cfg.protocol} protocol)"
-    _log(f"{what}: {backbone.record['label']} [{backbone.arch}] on {train.name}: "
-         f"{len(train)} train / {len(val)} val images, {num_classes} classes; "
-         f"crop {pre.image_size}, resize {pre.resize_size} ({pre.source}); device {device}, "
-         f"{dist.get_world_size()} process(es)")
-    backbone.model.to(device).eval()
-    derived = {"preprocessing_source": pre.source, "world_size": dist.get_world_size()}
-
-    if task == "linear" and cfg.protocol == "paper":
-        from transfer.linear_paper import train_linear_paper
-
-        metrics, more = train_linear_paper(cfg, backbone, pre, train, val, device, output, _log)
-        derived.update(more)
-        engine = "torch"
-    else:
-        xtr, ytr, xva, yva, cache = _features(cfg, backbone, pre, train, val, device)
-        derived["feature_cache"] = cache
-        metrics, engine = {}, "torch"
-        if dist.is_main_process():
-            if task == "knn":
-                metrics, more = _knn(cfg, xtr, ytr, xva, yva, num_classes, device)
-            else:
-                metrics, more = _fast(cfg, xtr, ytr, xva, yva, num_classes, device)
-                engine = more["solver"]
-            derived.update(more)
-
-    path = None
-    if dist.is_main_process():
-        wall = time.time() - t0
-        path = write_results(
-            output, task=task, dataset=_dataset_record(cfg, train, val), weights=backbone.record,
-            engine=engine, protocol=_protocol_name(task, cfg), config=_config_record(cfg, task, derived),
-            seed=cfg.seed, wall_time_s=wall, metrics=metrics)
-        shown = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
-        _log(f"{shown}  ({wall:.1f} s) -> {path}")
-    dist.barrier()
-    return {"metrics": metrics, "derived": derived, "path": path}
+    body = {"knn": _knn, "fast": _fast, "paper": _paper}["knn" if task == "knn" else cfg.protocol]
+    return frozen.run_task(task, cfg, weights, output, label, allow_pickle, body,
+                           lambda c: _config_record(c, task))
 
 
-def _check_output(out: Path) -> None:
-    """Fail before any work, not after an hour of training, when results cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {out} ({e.strerror}); choose another --output") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"output folder {out} is not writable; choose another --output")
+def _protocol_flag(p):
+    p.add_argument("--protocol", choices=PROTOCOLS, help="sets protocol (default: fast)")
 
-
-def _protocol_name(task: str, cfg: LinearConfig) -> str:
-    if task == "knn":
-        return f"k{cfg.knn.k}_T{cfg.knn.temperature:g}"
-    return cfg.protocol
-
-
-def _fast(cfg, xtr, ytr, xva, yva, num_classes, device):
-    f = cfg.fast
-    solver = logreg.choose_solver(f.solver, xtr, f.sklearn_max_elements)
-    _log(f"logistic regression ({solver}) on {tuple(xtr.shape)} features, "
-         f"l2 grid {f.l2_grid} chosen on {f.holdout_fraction:.0%} held out")
-    clf, record = logreg.select_and_fit(xtr, ytr, num_classes, f.l2_grid, f.holdout_fraction,
-                                        solver, f.max_iter, f.tol, device, cfg.seed,
-                                        f.select_max_images, log=_log)
-    acc = topk_accuracy(clf.scores(xva, device), yva)
-    metrics = {"top1": acc[1]}
-    if 5 in acc:
-        metrics["top5"] = acc[5]
-    return metrics, record
-
-
-def _knn(cfg, xtr, ytr, xva, yva, num_classes, device):
-    k, t = cfg.knn.k, cfg.knn.temperature
-    _log(f"weighted kNN (k={k}, T={t:g}, cosine) of {len(xva)} val on {len(xtr)} train features")
-    scores = weighted_knn(xtr, ytr, xva, num_classes, k=k, temperature=t, device=device)
-    acc = topk_accuracy(scores, yva)
-    metrics = {"knn_top1": acc[1]}
-    if 5 in acc:
-        metrics["knn_top5"] = acc[5]
-    return metrics, {"k_used": min(k, len(xtr))}
-
-
-def _parser(task: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=f"python -m transfer {task}",
-        description=("Linear probe of a frozen backbone" if task == "linear"
-                     else "Weighted kNN (cosine) on frozen features"))
-    p.add_argument("--weights", required=True,
-                   help="checkpoint (any layout converters reads) or 'random' with --arch")
-    p.add_argument("--data", help="registered data set (fashion-mnist) or ImageNet-layout folder "
-                                  "(train/<class>/, val/<class>/); sets data.source")
-    p.add_argument("--output", required=True, help="folder for results.json")
-    if task == "linear":
-        p.add_argument("--protocol", choices=PROTOCOLS, help="sets protocol (default: fast)")
-    p.add_argument("--config", help="YAML config, e.g. configs/linear/fashion_mnist_demo.yaml")
-    p.add_argument("--label", help="human label of the weights in results and tables")
-    p.add_argument("--arch", help="sets model.arch (required with --weights random)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="read checkpoints holding pickled Python objects (only trusted files)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. data.max_train_images=2000 paper.epochs=10")
-    return p
-
-
-def _main(task: str, argv) -> dict:
-    args = _parser(task).parse_args(argv)
-    cfg = load_config(LinearConfig, args.config, args.overrides)
-    # Flags win over the YAML; set directly so paths need no YAML quoting.
-    if args.data:
-        cfg.data.source = args.data
-    if args.arch:
-        cfg.model.arch = args.arch
-    if task == "linear" and args.protocol:
-        cfg.protocol = args.protocol
-    try:
-        return run(task, cfg, args.weights, args.output, args.label, args.allow_pickle)
-    finally:
-        dist.destroy()
+    def apply(cfg, args):
+        cfg.protocol = args.protocol or cfg.protocol
+    return apply
 
 
 @cli
 def main_linear(argv=None) -> dict:
-    return _main("linear", argv)
+    return frozen.main("linear", "Linear probe of a frozen backbone", LinearConfig, run, argv,
+                       _protocol_flag)
 
 
 @cli
 def main_knn(argv=None) -> dict:
-    return _main("knn", argv)
+    return frozen.main("knn", "Weighted kNN (cosine) on frozen features", LinearConfig, run, argv)
 
 
 def main(argv=None) -> dict:

@@ -1,8 +1,10 @@
-"""Multinomial logistic regression on cached features, with the L2 strength
-chosen on a held-out part of the training split and then refit on all of it.
+"""Logistic regression on cached features, with the L2 strength chosen on a
+validation split and the final classifier refit on train + val (ssl-transfer's linear.py).
 
 Objective (both solvers): mean cross-entropy + l2/2 * ||W||^2 on standardised
-features (bias not penalised). scikit-learn's C is 1 / (l2 * n). Two solvers:
+features (bias not penalised). scikit-learn's C is 1 / (l2 * n). Multinomial for
+single-label data; for multi-label data (VOC07: labels 1 / 0 / -1 ignored) one binary
+logistic regression per class, ignored entries left out of that class's loss. Two solvers:
 
 - ``sklearn``: LogisticRegression(lbfgs); exact and well tested, but holds a
   float64 copy of the features, fine up to ~10^7 feature values.
@@ -12,6 +14,7 @@ features (bias not penalised). scikit-learn's C is 1 / (l2 * n). Two solvers:
 """
 import time
 import warnings
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +22,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mocobench.errors import UserError
-from mocobench.knn import topk_accuracy
 
 SOLVERS = ("auto", "sklearn", "torch")
 _ROWS_PER_CHUNK = 65536
@@ -59,20 +61,45 @@ class LinearClassifier:
         return torch.cat(out) if out else torch.empty(0, len(b))
 
 
-def _fit_sklearn(z: np.ndarray, y: np.ndarray, num_classes: int, l2: float, max_iter: int,
-                 tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _sklearn_fit(clf, z, y):
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    clf = LogisticRegression(C=1.0 / (l2 * len(z)), max_iter=max_iter, tol=tol)
     # One BLAS thread: matrices this small gain nothing from more, and on a shared
     # CPU spinning BLAS threads made each fit 5-20x slower (measured, 2 cores).
     with warnings.catch_warnings(), threadpool_limits(limits=1):
-        # Not converging to tol within max_iter is normal for weak L2; the held-out
-        # accuracy is what counts, and it is reported.
+        # Not converging to tol within max_iter is normal for weak L2; the validation
+        # score is what counts, and it is reported.
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(z, y)
+    return clf
+
+
+def _fit_sklearn_multilabel(z: np.ndarray, y: np.ndarray, l2: float, max_iter: int, tol: float
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One binary logistic regression per class on the rows not ignored (-1) for it."""
+    from sklearn.linear_model import LogisticRegression
+
+    weight, bias = torch.zeros(z.shape[1], y.shape[1]), torch.zeros(y.shape[1])
+    for c in range(y.shape[1]):
+        rows = y[:, c] != -1
+        target = (y[rows, c] == 1).astype(np.int64)
+        if target.min() == target.max():  # one value only: a constant score says it
+            bias[c] = 1e9 if target[0] else -1e9
+            continue
+        clf = _sklearn_fit(LogisticRegression(C=1.0 / (l2 * len(target)), max_iter=max_iter,
+                                              tol=tol), z[rows], target)
+        weight[:, c], bias[c] = torch.from_numpy(clf.coef_[0]).float(), float(clf.intercept_[0])
+    return weight, bias
+
+
+def _fit_sklearn(z: np.ndarray, y: np.ndarray, num_classes: int, l2: float, max_iter: int,
+                 tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.linear_model import LogisticRegression
+
+    if y.ndim == 2:
+        return _fit_sklearn_multilabel(z, y, l2, max_iter, tol)
+    clf = _sklearn_fit(LogisticRegression(C=1.0 / (l2 * len(z)), max_iter=max_iter, tol=tol), z, y)
     weight = torch.zeros(z.shape[1], num_classes)
     bias = torch.zeros(num_classes)
     coef, icpt = torch.from_numpy(clf.coef_).float(), torch.from_numpy(clf.intercept_).float()
@@ -89,6 +116,15 @@ def _fit_sklearn(z: np.ndarray, y: np.ndarray, num_classes: int, l2: float, max_
     return weight, bias
 
 
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy; for multi-label y (1 / 0 / -1) summed binary cross-entropy
+    of the entries not ignored."""
+    if y.ndim == 1:
+        return F.cross_entropy(logits, y, reduction="sum")
+    return F.binary_cross_entropy_with_logits(logits, (y == 1).float(), weight=(y != -1).float(),
+                                              reduction="sum")
+
+
 def _fit_torch(x: torch.Tensor, y: torch.Tensor, std: Standardizer, num_classes: int, l2: float,
                max_iter: int, tol: float, device, init=None, desc="L-BFGS"
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,14 +139,20 @@ def _fit_torch(x: torch.Tensor, y: torch.Tensor, std: Standardizer, num_classes:
                             tolerance_grad=tol, tolerance_change=1e-10,
                             line_search_fn="strong_wolfe")
     bar = tqdm(total=max_iter, desc=desc, leave=False, dynamic_ncols=True)
+    # Standardisation folded into the weights, (x - m)/s @ W = x @ (W/s) - (m/s) @ W: no
+    # standardised copy of a chunk is made, and a closure costs one product per chunk.
+    inv = (1.0 / std.std).to(device)
+    shift = (std.mean * std.std.reciprocal()).to(device)
+    starts = range(0, n, _ROWS_PER_CHUNK)
 
     def closure():
         opt.zero_grad()
         total = 0.0
-        for s in range(0, n, _ROWS_PER_CHUNK):
-            z = std(x[s:s + _ROWS_PER_CHUNK].to(device, non_blocking=True))
-            loss = F.cross_entropy(z @ weight + bias, y[s:s + len(z)], reduction="sum") / n
-            loss.backward()
+        w_eff, b_eff = weight * inv[:, None], bias - shift @ weight
+        for i, s in enumerate(starts):
+            chunk = x[s:s + _ROWS_PER_CHUNK].to(device, non_blocking=True).float()
+            loss = _loss(chunk @ w_eff + b_eff, y[s:s + len(chunk)]) / n
+            loss.backward(retain_graph=i + 1 < len(starts))  # w_eff's graph serves every chunk
             total += loss.item()
         reg = 0.5 * l2 * (weight * weight).sum()
         reg.backward()
@@ -156,56 +198,49 @@ def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, solver: s
     return LinearClassifier(std, w, b)
 
 
-def select_and_fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2_grid: list[float],
-                   holdout_fraction: float, solver: str, max_iter: int = 1000, tol: float = 1e-4,
-                   device="cpu", seed: int = 0, select_max_images: int = 0,
-                   log=print) -> tuple[LinearClassifier, dict]:
-    """Pick l2 by top-1 on a random held-out part of (x, y), refit on all of (x, y).
+def select_l2(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+              num_classes: int, l2_grid: list[float], solver: str, score: Callable,
+              max_iter: int = 1000, tol: float = 1e-4, device="cpu", seed: int = 0,
+              select_max_images: int = 0, log=print) -> tuple[float, dict, tuple | None]:
+    """The L2 strength of `l2_grid` whose classifier fit on (x, y) scores best on the
+    validation split: `score(class scores, y_val)` -> a number, higher is better.
 
-    The search fits on the rest of (x, y), or on `select_max_images` of it when > 0
-    (ImageNet: a 100k-image search costs a tenth of a full one; the refit uses all
-    images, warm-started from the search's solution). Returns the classifier and a
-    record of the search (chosen l2, held-out top-1 per l2, solver, sizes, time)."""
+    The search fits on `select_max_images` random training images when > 0 (ImageNet: a
+    128k-image search costs a tenth of a full one). Returns (best l2, a record of the search:
+    validation score per l2, sizes, solver; the best classifier's (W, b) for a warm start)."""
     if not l2_grid or any(v <= 0 for v in l2_grid):
         raise UserError(f"fast.l2_grid must list positive L2 strengths, got {l2_grid}")
-    if not 0 < holdout_fraction < 1:
-        raise UserError(f"fast.holdout_fraction must be in (0, 1), got {holdout_fraction}")
-    n = len(x)
-    if n < 2:
-        raise UserError(f"the linear probe needs at least 2 training images, got {n}")
-    t0 = time.time()
+    if len(x) < 2 or len(x_val) < 1:
+        raise UserError(f"the linear probe needs at least 2 training and 1 validation image, "
+                        f"got {len(x)} and {len(x_val)}")
     grid = sorted(set(float(v) for v in l2_grid), reverse=True)  # strong to weak: warm starts
-    record = {"solver": solver, "l2_grid": grid, "holdout_fraction": holdout_fraction}
-    init = None
-    if len(grid) > 1:
-        perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-        n_hold = min(max(1, round(holdout_fraction * n)), n - 1)
-        n_fit = n - n_hold if select_max_images <= 0 else min(n - n_hold, select_max_images)
-        hold = perm[:n_hold].sort().values
-        fit_idx = perm[n_hold:n_hold + n_fit].sort().values
-        x_fit, y_fit, x_hold, y_hold = x[fit_idx], y[fit_idx], x[hold], y[hold]
-        std = Standardizer(x_fit)
-        holdout_top1, solutions = {}, {}
-        for l2 in grid:
-            clf = fit(x_fit, y_fit, num_classes, l2, solver, max_iter, tol, device, init,
-                      desc=f"l2={l2:g}", std=std)
-            if solver == "torch":
-                init = solutions[l2] = (clf.weight.to(device), clf.bias.to(device))
-            holdout_top1[l2] = topk_accuracy(clf.scores(x_hold, device), y_hold, ks=(1,))[1]
-            log(f"  l2={l2:g}: held-out top-1 {holdout_top1[l2]:.2f} "
-                f"({len(x_fit)} fit / {len(x_hold)} held out)")
-        # Ties go to the stronger regularisation (grid order is strong to weak).
-        best = max(grid, key=lambda v: (holdout_top1[v], -grid.index(v)))
-        init = solutions.get(best)
-        del x_fit, x_hold
-        record.update(search_images=n_fit, holdout_images=n_hold,
-                      holdout_top1={f"{k:g}": v for k, v in holdout_top1.items()})
-    else:
-        best = grid[0]
-    log(f"  chosen l2={best:g}; refitting on all {n} training images ({solver})")
-    clf = fit(x, y, num_classes, best, solver, max_iter, tol, device, init,
-              desc=f"refit l2={best:g}")
-    record.update(l2=best, sklearn_C=1.0 / (best * n), fit_time_s=round(time.time() - t0, 3))
+    if select_max_images > 0 and select_max_images < len(x):
+        keep = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(len(x))[:select_max_images]))
+        x, y = x[keep], y[keep]
+    record = {"solver": solver, "l2_grid": grid, "search_images": len(x), "val_images": len(x_val)}
+    if len(grid) == 1:
+        return grid[0], record, None
+    std, init, val_score, solutions = Standardizer(x), None, {}, {}
+    for l2 in grid:
+        clf = fit(x, y, num_classes, l2, solver, max_iter, tol, device, init, desc=f"l2={l2:g}", std=std)
+        if solver == "torch":
+            init = solutions[l2] = (clf.weight.to(device), clf.bias.to(device))
+        val_score[l2] = float(score(clf.scores(x_val, device), y_val))
+        log(f"  l2={l2:g}: validation {val_score[l2]:.2f} ({len(x)} fit / {len(x_val)} val)")
+    # Ties go to the stronger regularisation (grid order is strong to weak).
+    best = max(grid, key=lambda v: (val_score[v], -grid.index(v)))
+    record["val_score"] = {f"{k:g}": v for k, v in val_score.items()}
+    return best, record, solutions.get(best)
+
+
+def fit_final(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, solver: str,
+              max_iter: int = 1000, tol: float = 1e-4, device="cpu", init=None,
+              log=print) -> tuple[LinearClassifier, dict]:
+    """The classifier with the chosen `l2` fit on all of (x, y) (train + val)."""
+    t0 = time.time()
+    log(f"  chosen l2={l2:g}; refitting on {len(x)} train + val images ({solver})")
+    clf = fit(x, y, num_classes, l2, solver, max_iter, tol, device, init, desc=f"refit l2={l2:g}")
     if not (torch.isfinite(clf.weight).all() and torch.isfinite(clf.bias).all()):
         raise RuntimeError("logistic regression diverged (non-finite weights)")
-    return clf, record
+    return clf, {"l2": l2, "sklearn_C": 1.0 / (l2 * len(x)), "refit_images": len(x),
+                 "refit_time_s": round(time.time() - t0, 3)}

@@ -226,9 +226,6 @@ def write_results(out_dir, *, task: str, dataset: dict, weights: dict, engine: s
                   reason: str | None = None) -> Path:
     """Validate and write out_dir/results.json atomically. `outcomes`: the record
     transfer.outcomes' savers return for the per-example file(s) written beside it."""
-    if isinstance(protocol, str):  # TRANSITION: every task will pass protocol_record(...)
-        protocol = protocol_record(name=protocol, task=task, engine=engine, metric={},
-                                   schedule={"legacy": True}, input={}, dataset=dict(dataset))
     record = {
         "schema": SCHEMA, "task": task, "dataset": dataset, "weights": weights,
         "engine": engine, "protocol": protocol, "config": config, "seed": int(seed),

@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mocobench.dist import exit_with_launcher
 from mocobench.errors import UserError, cli
 from mocobench.mmseg_compat import import_mmseg
 from transfer import segment_config as sc
@@ -195,6 +196,7 @@ def init_distributed(cfg, launcher: str) -> bool:
     if launcher == "none":
         return False
     if not is_distributed():
+        exit_with_launcher()
         dist_cfg = dict(cfg.get("env_cfg", {}).get("dist_cfg", {}) or {})
         if torch.cuda.is_available():
             init_dist(launcher, **dist_cfg)
