@@ -328,7 +328,7 @@ def test_a_row_that_never_ran_joins_its_tasks_table(tmp_path):
     shutil.copytree(GOOD / "knn/random", tmp_path / "knn/random")
     write_results(tmp_path / "knn/in1k", task="knn", dataset={"name": "", "splits": {}},
                   weights={"path": None, "sha256": None, "label": "supervised IN-1k"}, engine="",
-                  protocol="", config={}, seed=0, wall_time_s=0.0, metrics={}, status="missing",
+                  protocol={}, config={}, seed=0, wall_time_s=0.0, metrics={}, status="missing",
                   reason="place the file")
     tables = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
     assert len(tables) == 1 and {r["label"] for r in tables[0]["rows"]} == {"random init", "supervised IN-1k"}
@@ -465,8 +465,11 @@ def test_legacy_protocols_of_other_names_are_other_tables(tmp_path):
     common = dict(task="detect", dataset={"name": "voc_2007_test", "splits": {"test": 4952}},
                   engine="detectron2", config={}, seed=0, wall_time_s=1.0, metrics={"AP": 50.0})
     for name in ("pascal_voc_R_50_C4_24k", "my_voc_R_50_FPN"):  # same engine and data, other configs
+        # what the removed protocol-name shim wrote: results files of that time still exist
+        legacy = protocol_record(name=name, task="detect", engine="detectron2", metric={},
+                                 schedule={"legacy": True}, input={}, dataset=dict(common["dataset"]))
         write_results(tmp_path / name, weights={"path": None, "sha256": None, "label": "MoCo"},
-                      protocol=name, **common)
+                      protocol=legacy, **common)
     tables = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
     assert sorted(t["protocol"]["name"] for t in tables) == ["my_voc_R_50_FPN", "pascal_voc_R_50_C4_24k"]
 
