@@ -132,6 +132,7 @@ def test_voc_layout_train_and_evaluate(moco_r18, tmp_path):
     assert metrics.score(saved["ground_truth"], saved["detections"], "voc07") == pytest.approx(r["metrics"])
     p = r["protocol"]
     assert p["schedule"]["iterations"] == 2 and p["model"]["norm"] == "BN"  # what ran
+    assert p["schedule"]["images_per_process"] == 2  # what BN normalised over
     assert "MODEL.WEIGHTS" not in p["model"]["config"] and "OUTPUT_DIR" not in p["schedule"]["config"]
     # The torchvision engine on the same config: the same data, metric and inputs, another protocol.
     from transfer.detect import main
