@@ -184,12 +184,20 @@ def test_an_image_listed_twice_in_a_split_is_refused(voc):
         ds.load_voc(_spec(voc))
 
 
-@pytest.mark.parametrize("wh", [(0, 10), (10, 0), (-5, 10)])
-def test_a_coco_box_without_width_or_height_is_refused(tmp_path, scenes, wh):
-    def degenerate(data):
+@pytest.mark.parametrize("wh", [(-5, 10), (10, -0.5), (float("nan"), 10)])
+def test_a_coco_box_of_negative_size_is_refused(tmp_path, scenes, wh):
+    def inverted(data):
         data["annotations"][2]["bbox"][2:] = list(wh)
     with pytest.raises(UserError, match=r"instances.json annotation 3 \(image \d+\) has bbox width"):
-        ds.load_coco(_coco(tmp_path, scenes, degenerate))
+        ds.load_coco(_coco(tmp_path, scenes, inverted))
+
+
+def test_a_coco_box_of_height_0_is_kept_as_detectron2_keeps_it(tmp_path, scenes):
+    """COCO train2017 itself has two (e.g. annotation 918: bbox [296.65, 388.33, 1.03, 0.0])."""
+    def flat(data):
+        data["annotations"][2]["bbox"][3] = 0.0
+    records, _ = ds.load_coco(_coco(tmp_path, scenes, flat))
+    assert sum(a["bbox"][3] == a["bbox"][1] for r in records for a in r["annotations"]) == 1
 
 
 def test_a_coco_box_outside_its_image_is_refused(tmp_path, scenes):

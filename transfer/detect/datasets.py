@@ -282,9 +282,11 @@ def _coco_unique_images(coco, spec) -> None:
 def _coco_box(ann: dict, img: dict, spec) -> tuple[list, str]:
     where = f"{spec.json_file} annotation {ann.get('id')} (image {img['id']})"
     x, y, w, h = ann["bbox"]
-    if not (w > 0 and h > 0):
+    # A negative size is a wrong box; a zero one is kept, as Detectron2 does (COCO train2017 has two
+    # of height 0, e.g. annotation 918): both engines train only on boxes of positive size.
+    if not (w >= 0 and h >= 0):
         raise UserError(f"data set {spec.name}: {where} has bbox width {w:g} and height {h:g}; a box "
-                        f"needs both above 0: fix or remove the annotation")
+                        f"needs both at least 0: fix or remove the annotation")
     return [x, y, x + w, y + h], where
 
 
