@@ -132,6 +132,7 @@ def test_voc_layout_train_and_evaluate(moco_r18, tmp_path):
     assert metrics.score(saved["ground_truth"], saved["detections"], "voc07") == pytest.approx(r["metrics"])
     p = r["protocol"]
     assert p["schedule"]["iterations"] == 2 and p["model"]["norm"] == "BN"  # what ran
+    assert p["schedule"]["images_per_process"] == 2  # what BN normalised over
     assert "MODEL.WEIGHTS" not in p["model"]["config"] and "OUTPUT_DIR" not in p["schedule"]["config"]
     # The torchvision engine on the same config: the same data, metric and inputs, another protocol.
     from transfer.detect import main
@@ -176,3 +177,27 @@ def test_random_weights(tmp_path):
           "--output", str(tmp_path), "--engine", "detectron2", *TINY])
     r = read_results(tmp_path / "results.json")
     assert r["weights"]["layout"] == "random" and r["config"]["RUN"]["arch"] == "resnet18"
+
+
+@pytest.mark.parametrize("anchor_id", ["voc_c4_24k", "coco_c4_2x", "coco_fpn_2x", "coco_fpn_1x", "coco_c4_1x"])
+def test_a_shipped_paper_config_at_8_processes_records_the_published_protocol(anchor_id):
+    """What record.py writes for the shipped config (the classes its data has, 16 images on 8
+    processes) is the published entry's record on every model, schedule and input field."""
+    from transfer.detect import record
+    from transfer.detect.d2_engine import _base_cfg, build_cfg, plain
+    from transfer.paper_numbers import ANCHORS
+    from transfer.report_protocol import differences
+
+    (anchor,) = [a for a in ANCHORS if a["id"] == anchor_id]
+    cfg = build_cfg(CONFIGS / f"{anchor['names'][0]}.yaml", [])
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = anchor["protocol"]["dataset"]["classes"]
+    conf = plain(cfg)
+    conf["RUN"] = {"ims_per_batch_per_rank": cfg.SOLVER.IMS_PER_BATCH // 8}
+    defaults = plain(_base_cfg())
+    protocol = {"engine": "detectron2", "metric": {m: p for m, p in anchor["protocol"]["metric"].items()},
+                "model": record.model(conf, defaults), "schedule": record.schedule(conf, defaults),
+                "input": record.input_sizes(conf), "dataset": anchor["protocol"]["dataset"]}
+    assert differences(anchor["protocol"], protocol) == []
+    conf["RUN"] = {"ims_per_batch_per_rank": 16}  # one GPU: BN over 16 images, another protocol
+    assert differences(anchor["protocol"], {**protocol, "schedule": record.schedule(conf, defaults)}) == [
+        "schedule.images_per_process: 16 here, 2 published"]

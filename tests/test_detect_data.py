@@ -144,3 +144,73 @@ def test_test_and_train_class_lists_must_agree(tmp_path, scenes):
     with pytest.raises(UserError, match="have different class lists"):
         ds.load_sets([_spec(a, "train"), _spec(b, "train")])
 
+
+
+def _edit_first_box(root, **values):
+    xml = _first_xml(root)
+    tree = ET.parse(xml)
+    box = tree.find("object/bndbox")
+    for key, value in values.items():
+        box.find(key).text = str(value(float(box.findtext(key))) if callable(value) else value)
+    tree.write(xml)
+    return xml
+
+
+@pytest.mark.parametrize("swap", [("xmin", "xmax"), ("ymin", "ymax")])
+def test_a_voc_box_with_its_max_below_its_min_is_refused(voc, swap):
+    xml = _first_xml(voc)
+    lo = float(ET.parse(xml).find(f"object/bndbox/{swap[0]}").text)
+    _edit_first_box(voc, **{swap[1]: lo - 1})
+    with pytest.raises(UserError, match=rf"{xml.name} object 1 \(.*\) has xmin..xmax .*a max below its min"):
+        ds.load_voc(_spec(voc))
+
+
+def test_a_voc_box_outside_its_image_is_refused(voc):
+    _edit_first_box(voc, xmax=129)  # 1-based: xmax 128 is the last column; 1 px over is tolerated
+    records, _ = ds.load_voc(_spec(voc))
+    ds.check_images(records, "mine")
+    xml = _edit_first_box(voc, xmax=131, ymin=-2)
+    records, _ = ds.load_voc(_spec(voc))
+    with pytest.raises(UserError, match=rf"{xml.name} object 1 \(.*\) spans x .*\.\.131, y -3\.\..* outside its "
+                                        r"128x128 image"):
+        ds.check_images(records, "mine", every_image=False)  # also where the images are not re-read
+
+
+def test_an_image_listed_twice_in_a_split_is_refused(voc):
+    split = voc / "ImageSets" / "Main" / "trainval.txt"
+    ids = split.read_text().split()
+    split.write_text("\n".join(ids + [ids[1]]) + "\n")
+    with pytest.raises(UserError, match=rf"trainval.txt lists '{ids[1]}' twice \(lines 2 and 7\)"):
+        ds.load_voc(_spec(voc))
+
+
+@pytest.mark.parametrize("wh", [(-5, 10), (10, -0.5), (float("nan"), 10)])
+def test_a_coco_box_of_negative_size_is_refused(tmp_path, scenes, wh):
+    def inverted(data):
+        data["annotations"][2]["bbox"][2:] = list(wh)
+    with pytest.raises(UserError, match=r"instances.json annotation 3 \(image \d+\) has bbox width"):
+        ds.load_coco(_coco(tmp_path, scenes, inverted))
+
+
+def test_a_coco_box_of_height_0_is_kept_as_detectron2_keeps_it(tmp_path, scenes):
+    """COCO train2017 itself has two (e.g. annotation 918: bbox [296.65, 388.33, 1.03, 0.0])."""
+    def flat(data):
+        data["annotations"][2]["bbox"][3] = 0.0
+    records, _ = ds.load_coco(_coco(tmp_path, scenes, flat))
+    assert sum(a["bbox"][3] == a["bbox"][1] for r in records for a in r["annotations"]) == 1
+
+
+def test_a_coco_box_outside_its_image_is_refused(tmp_path, scenes):
+    def outside(data):
+        data["annotations"][2]["bbox"][0] = data["images"][0]["width"]
+    records, _ = ds.load_coco(_coco(tmp_path, scenes, outside))
+    with pytest.raises(UserError, match=r"instances.json annotation 3 \(image \d+\) spans x 128\.\..* outside"):
+        ds.check_boxes(records, "mine")
+
+
+@pytest.mark.parametrize("key", ["id", "file_name"])
+def test_a_coco_image_listed_twice_is_refused(tmp_path, scenes, key):
+    def twice(data):
+        data["images"][1][key] = data["images"][0][key]
+    with pytest.raises(UserError, match=f"lists two images with {key}"):
+        ds.load_coco(_coco(tmp_path, scenes, twice))

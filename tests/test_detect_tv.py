@@ -69,6 +69,7 @@ def test_fpn_faster_rcnn_on_voc_layout(r18_weights, tmp_path):
     p = r["protocol"]
     assert p["name"] == "demo_scenes_voc_R18_FPN" and p["engine"] == "torchvision"
     assert p["schedule"]["iterations"] == 2 and p["schedule"]["batch"] == 2 and p["schedule"]["lr"] == 0.02
+    assert p["schedule"]["images_per_process"] == 2  # one process: see the torchrun test
     assert p["input"]["min_size_test"] == 64 and "VOC07 11-point" in p["metric"]["AP50"]
     assert p["model"]["norm"] == "BN" and p["model"]["backbone"] == "build_resnet_fpn_backbone"  # what ran
     assert p["dataset"]["class_names"][0] == "t-shirt" and p["dataset"]["splits"]["scenes_voc_val"] == 4
@@ -363,6 +364,8 @@ def test_two_ranks_under_torchrun_train_evaluate_and_write_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = read_results(out / "results.json")
     assert r["config"]["RUN"]["world_size"] == 2 and r["seed"] >= 0
+    # BN normalises over each process's images: another protocol than one process's (2 images)
+    assert r["protocol"]["schedule"]["images_per_process"] == 1
     assert r["dataset"]["splits"]["scenes_voc_val"] == 4
     assert {img["id"] for img in json.loads((out / "ground_truth.json").read_text())["images"]} == {1, 2, 3, 4}
     assert proc.stdout.count("[detect] wrote") == 1

@@ -291,6 +291,12 @@ CASES = [
     ("detect image size against its annotation", "transfer.detect", lambda tmp: _detect(tmp, damage="size"),
      r"is 64x128 but its annotation says 128x128"),
     ("detect 16-bit image", "transfer.detect", lambda tmp: _detect(tmp, damage="16bit"), r"16/32-bit"),
+    ("detect VOC split listing an image twice", "transfer.detect", lambda tmp: _detect(tmp, damage="listed twice"),
+     r"trainval.txt lists '000001' twice \(lines 2 and 5\)"),
+    ("detect VOC box outside its image", "transfer.detect", lambda tmp: _detect(tmp, damage="box outside"),
+     r"000000.xml object 1 \(.*\) spans x .*\.\.300, .*outside its 128x128 image"),
+    ("detect resume of a checkpoint without its run's identity", "transfer.detect",
+     lambda tmp: _detect(tmp, flags=["--resume"], damage="orphan checkpoint"), r"no readable run_identity.json"),
     ("detect random without arch", "transfer.detect", lambda tmp: _detect(tmp, weights="random"),
      r"--weights random needs an architecture"),
     ("detect code-running pkl", "transfer.detect", lambda tmp: _detect(tmp, weights=_code_running_pkl(tmp)),
@@ -439,6 +445,15 @@ def _detect(tmp, weights=None, output=None, test_split="trainval", extra=(), fla
         first.unlink()
     elif damage == "size":
         Image.new("RGB", (64, 128)).save(first)
+    elif damage == "listed twice":
+        split = voc / "ImageSets" / "Main" / "trainval.txt"
+        split.write_text(split.read_text() + "000001\n")
+    elif damage == "box outside":
+        xml = voc / "Annotations" / "000000.xml"
+        xml.write_text(re.sub(r"<xmax>\d+</xmax>", "<xmax>300</xmax>", xml.read_text(), count=1))
+    elif damage == "orphan checkpoint":  # a checkpoint without the record of its run
+        (tmp / "out").mkdir()
+        (tmp / "out" / "last_checkpoint.pth").write_bytes(b"")
     elif damage == "16bit":
         first.unlink()
         Image.fromarray(np.zeros((128, 128), np.uint16)).save(first.with_suffix(".png"), format="PNG")

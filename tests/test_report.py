@@ -424,6 +424,39 @@ def test_a_shortened_or_retargeted_paper_config_gets_no_published_rows(tmp_path,
         assert text in note
 
 
+@pytest.mark.parametrize("changes, named", [
+    ({"model.freeze_at": 2}, "model.freeze_at: 2 here, 0 published"),
+    ({"schedule.weight_decay": 0.0}, "schedule.weight_decay: 0 here, 0.0001 published"),
+    ({"schedule.momentum": 0.95}, "schedule.momentum: 0.95 here, 0.9 published"),
+    ({"schedule.gamma": 0.5}, "schedule.gamma: 0.5 here, 0.1 published"),
+    ({"schedule.precise_bn_iters": 0}, "schedule.precise_bn_iters: 0 here, 200 published"),
+    ({"schedule.images_per_process": 16}, "schedule.images_per_process: 16 here, 2 published"),
+    ({"schedule.warmup_iters": 1000}, "schedule.warmup_iters: 1000 here, 100 published"),
+    ({"input.random_flip": "none"}, "input.random_flip: none here, horizontal published"),
+    ({"input.max_size_test": 1000}, "input.max_size_test: 1000 here, 1333 published"),
+    # an RPN/ROI setting the paper left at Detectron2's default: recorded under model.config
+    ({"model.config": {**_anchor("voc_c4_24k")["protocol"]["model"]["config"], "MODEL.RPN.NMS_THRESH": 0.6}},
+     "model.config.MODEL.RPN.NMS_THRESH: 0.6 here, not published"),
+    ({"schedule.config": {"SOLVER.BIAS_LR_FACTOR": 2.0}}, "schedule.config.SOLVER.BIAS_LR_FACTOR: 2 here, not published"),
+    ({"schedule.new_field": 1}, "schedule.new_field: 1 here, not published"),  # recorded here only
+    ({"model.freeze_at": None}, "model.freeze_at: not recorded here, 0 published"),  # recorded there only
+])
+def test_any_defining_detection_field_that_differs_loses_the_published_rows(tmp_path, changes, named):
+    anchor = _anchor("voc_c4_24k")
+    protocol = _published_protocol(anchor, **changes)
+    if None in changes.values():  # a field this record lacks
+        fields = {k: v for k, v in protocol.items() if k != "id"}
+        for path in (p for p, v in changes.items() if v is None):
+            part, key = path.split(".", 1)
+            fields[part] = {k: v for k, v in fields[part].items() if k != key}
+        protocol = protocol_record(**fields)
+    _result(tmp_path / "a", protocol, "MoCo", {"AP50": 1.0})
+    (t,) = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
+    assert not [r for r in t["rows"] if r["kind"] == "paper"]
+    (note,) = [n for n in t["notes"] if n.startswith("no published rows (voc_c4_24k")]
+    assert named in note
+
+
 def test_two_runs_differing_only_in_iterations_land_in_different_tables(tmp_path):
     base = json.loads((GOOD / "detect_voc/supervised/results.json").read_text())["protocol"]
     fields = {k: v for k, v in base.items() if k != "id"}
@@ -481,7 +514,8 @@ def test_paper_numbers_are_consistent_data():
         assert a["source"] and a["task"] in report_tables.TASK_METRICS and a["names"]
         assert a["baseline"] is None or a["baseline"] in a["rows"]
         assert {"engine", "metric", "schedule", "input", "dataset"} <= set(a["protocol"]) \
-            <= {"engine", "metric", "model", "schedule", "input", "dataset"}
+            <= {"engine", "metric", "model", "schedule", "input", "dataset", "complete"}
+        assert a["protocol"].get("complete", False) == (a["task"] == "detect")  # detection: full records
         assert {"splits", "classes"} <= set(a["protocol"]["dataset"])
         for label, vals in a["rows"].items():
             assert label.startswith("paper: ")

@@ -21,28 +21,51 @@ mask ``mask_AP``/``mask_AP50``/``mask_AP75``.
 MOCO_V1 = "arXiv:1911.05722 (MoCo v1 paper)"
 MOCO_REPO = "facebookresearch/moco @7397dfe"
 
+# Detection entries are full records ("complete": every field transfer/detect/record.py writes
+# for model, schedule and input, compared both ways: a field recorded on one side only is a
+# difference). Values: MoCo's detection configs (facebookresearch/moco@7397dfe detection/configs,
+# the *_moco.yaml variants: RGB input) on Detectron2's defaults, 8 GPUs (detection/README.md).
 # Detectron2's input sizes for MoCo's detection configs (MAX_SIZE_* keep Detectron2's 1333).
 _VOC_INPUT = {"min_size_train": list(range(480, 801, 32)), "max_size_train": 1333,
-              "min_size_test": 800, "max_size_test": 1333}
-_COCO_INPUT = {"min_size_train": list(range(640, 801, 32)), "max_size_train": 1333,
-               "min_size_test": 800, "max_size_test": 1333}
+              "min_size_test": 800, "max_size_test": 1333, "format": "RGB", "random_flip": "horizontal"}
+_COCO_INPUT = {**_VOC_INPUT, "min_size_train": list(range(640, 801, 32))}
 _COCO_DATA = {"name": "COCO 2017 (train2017 -> val2017)",
               "splits": {"train": 118287, "val": 5000}, "classes": 80}
 _COCO_BOX = {"AP": "101-point", "AP50": "101-point", "AP75": "101-point"}
 _COCO_MASK = {**_COCO_BOX, "mask_AP": "101-point", "mask_AP50": "101-point", "mask_AP75": "101-point"}
 
 
-# What Detectron2 builds around the backbone (the configs' MODEL.* values, lower-cased keys).
-_VOC_C4 = {"backbone": "build_resnet_backbone", "roi_heads": "Res5ROIHeadsExtraNorm", "mask_on": False,
-           "norm": "naiveSyncBN"}
-_COCO_C4 = {**_VOC_C4, "mask_on": True}
-_COCO_FPN = {"backbone": "build_resnet_fpn_backbone", "roi_heads": "StandardROIHeads", "mask_on": True,
-             "norm": "SyncBN"}
+# What Detectron2 builds around the backbone: the record's readable fields, and under "config"
+# every MODEL key whose value is not Detectron2's default.
+_C4_CONFIG = {"MODEL.BACKBONE.FREEZE_AT": 0, "MODEL.RESNETS.NORM": "naiveSyncBN",
+              "MODEL.ROI_HEADS.NAME": "Res5ROIHeadsExtraNorm"}
+_VOC_C4 = {"detector": "Faster R-CNN", "backbone": "build_resnet_backbone", "roi_heads": "Res5ROIHeadsExtraNorm",
+           "mask_on": False, "norm": "naiveSyncBN", "fpn_norm": "", "freeze_at": 0,
+           "config": {**_C4_CONFIG, "MODEL.ROI_HEADS.NUM_CLASSES": 20}}
+_COCO_C4 = {**_VOC_C4, "detector": "Mask R-CNN", "mask_on": True, "config": {**_C4_CONFIG, "MODEL.MASK_ON": True}}
+# Detectron2's Base-RCNN-FPN.yaml with SyncBN in the backbone and FPN (configs/detection/Base-RCNN-FPN-SyncBN.yaml)
+_COCO_FPN = {"detector": "Mask R-CNN", "backbone": "build_resnet_fpn_backbone", "roi_heads": "StandardROIHeads",
+             "mask_on": True, "norm": "SyncBN", "fpn_norm": "SyncBN", "freeze_at": 0, "config": {
+                 "MODEL.ANCHOR_GENERATOR.SIZES": [[32], [64], [128], [256], [512]], "MODEL.BACKBONE.FREEZE_AT": 0,
+                 "MODEL.BACKBONE.NAME": "build_resnet_fpn_backbone", "MODEL.FPN.IN_FEATURES": ["res2", "res3", "res4", "res5"],
+                 "MODEL.FPN.NORM": "SyncBN", "MODEL.MASK_ON": True, "MODEL.RESNETS.NORM": "SyncBN",
+                 "MODEL.RESNETS.OUT_FEATURES": ["res2", "res3", "res4", "res5"],
+                 "MODEL.ROI_BOX_HEAD.NAME": "FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NUM_FC": 2,
+                 "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": 7, "MODEL.ROI_HEADS.IN_FEATURES": ["p2", "p3", "p4", "p5"],
+                 "MODEL.ROI_HEADS.NAME": "StandardROIHeads", "MODEL.ROI_MASK_HEAD.NUM_CONV": 4,
+                 "MODEL.RPN.IN_FEATURES": ["p2", "p3", "p4", "p5", "p6"], "MODEL.RPN.POST_NMS_TOPK_TRAIN": 1000,
+                 "MODEL.RPN.PRE_NMS_TOPK_TEST": 1000, "MODEL.RPN.PRE_NMS_TOPK_TRAIN": 2000}}
 
 
-def _coco_schedule(iterations: int, steps: list) -> dict:
-    # warmup: Detectron2's default 1000 iterations (MoCo's COCO configs do not set it)
-    return {"iterations": iterations, "lr": 0.02, "batch": 16, "warmup": 1000, "steps": steps}
+def _schedule(iterations: int, steps: list, warmup: int = 1000) -> dict:
+    """MoCo's SOLVER: batch 16 on 8 GPUs (2 images per BN), lr 0.02, PreciseBN (Detectron2's
+    200 iterations), Detectron2's other defaults; warmup: Detectron2's default 1000 iterations
+    (MoCo's COCO configs do not set it; its VOC config sets 100). "config": no other
+    non-default setting."""
+    return {"iterations": iterations, "lr": 0.02, "batch": 16, "images_per_process": 2, "warmup_iters": warmup,
+            "warmup_factor": 0.001, "warmup_method": "linear", "steps": steps, "gamma": 0.1, "momentum": 0.9,
+            "weight_decay": 0.0001, "precise_bn_iters": 200, "config": {}}
+
 
 
 ANCHORS = [
@@ -74,11 +97,10 @@ ANCHORS = [
         "task": "detect",
         "names": ["pascal_voc_R_50_C4_24k", "voc_c4_24k"],
         "protocol": {
-            "engine": "detectron2",
+            "engine": "detectron2", "complete": True,
             "metric": {"AP50": "11-point", "AP": "11-point", "AP75": "11-point"},
             "model": _VOC_C4,
-            "schedule": {"iterations": 24000, "lr": 0.02, "batch": 16, "warmup": 100,
-                         "steps": [18000, 22000]},
+            "schedule": _schedule(24000, [18000, 22000], warmup=100),
             "input": _VOC_INPUT,
             "dataset": {"name": "VOC07 test (trained on VOC07+12 trainval)",
                         "splits": {"train": 16551, "test": 4952}, "classes": 20},
@@ -97,8 +119,8 @@ ANCHORS = [
         "id": "coco_c4_2x",
         "task": "detect",
         "names": ["coco_R_50_C4_2x", "coco_c4_2x"],
-        "protocol": {"engine": "detectron2", "metric": _COCO_MASK, "model": _COCO_C4,
-                     "schedule": _coco_schedule(180000, [120000, 160000]),
+        "protocol": {"engine": "detectron2", "complete": True, "metric": _COCO_MASK, "model": _COCO_C4,
+                     "schedule": _schedule(180000, [120000, 160000]),
                      "input": _COCO_INPUT, "dataset": _COCO_DATA},
         "source": f"{MOCO_V1} Table 5(d): Mask R-CNN R50-C4, COCO 2x schedule "
                   "(secondary transcriptions, which agree)",
@@ -114,8 +136,8 @@ ANCHORS = [
         "id": "coco_fpn_2x",
         "task": "detect",
         "names": ["coco_R_50_FPN_2x", "coco_fpn_2x"],
-        "protocol": {"engine": "detectron2", "metric": _COCO_MASK, "model": _COCO_FPN,
-                     "schedule": _coco_schedule(180000, [120000, 160000]),
+        "protocol": {"engine": "detectron2", "complete": True, "metric": _COCO_MASK, "model": _COCO_FPN,
+                     "schedule": _schedule(180000, [120000, 160000]),
                      "input": _COCO_INPUT, "dataset": _COCO_DATA},
         "source": f"{MOCO_V1} Table 5(b): Mask R-CNN R50-FPN, COCO 2x schedule "
                   "(secondary transcriptions, which agree)",
@@ -131,8 +153,8 @@ ANCHORS = [
         "id": "coco_fpn_1x",
         "task": "detect",
         "names": ["coco_R_50_FPN_1x", "coco_fpn_1x"],
-        "protocol": {"engine": "detectron2", "metric": {"AP": "101-point", "mask_AP": "101-point"},
-                     "model": _COCO_FPN, "schedule": _coco_schedule(90000, [60000, 80000]),
+        "protocol": {"engine": "detectron2", "complete": True, "metric": {"AP": "101-point", "mask_AP": "101-point"},
+                     "model": _COCO_FPN, "schedule": _schedule(90000, [60000, 80000]),
                      "input": _COCO_INPUT, "dataset": _COCO_DATA},
         "source": f"{MOCO_V1} Table 5(a): Mask R-CNN R50-FPN, COCO 1x schedule; "
                   "UNVERIFIED transcription, check against the paper PDF",
@@ -146,8 +168,8 @@ ANCHORS = [
         "id": "coco_c4_1x",
         "task": "detect",
         "names": ["coco_R_50_C4_1x", "coco_c4_1x"],
-        "protocol": {"engine": "detectron2", "metric": {"AP": "101-point", "mask_AP": "101-point"},
-                     "model": _COCO_C4, "schedule": _coco_schedule(90000, [60000, 80000]),
+        "protocol": {"engine": "detectron2", "complete": True, "metric": {"AP": "101-point", "mask_AP": "101-point"},
+                     "model": _COCO_C4, "schedule": _schedule(90000, [60000, 80000]),
                      "input": _COCO_INPUT, "dataset": _COCO_DATA},
         "source": f"{MOCO_V1} Table 5(c): Mask R-CNN R50-C4, COCO 1x schedule; "
                   "UNVERIFIED transcription, check against the paper PDF",

@@ -82,12 +82,18 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _leaves(value: dict, part: str) -> dict:
+    """flatten(), without the leaves that are empty mappings (nothing recorded there)."""
+    return {k: v for k, v in flatten(value, part).items() if v != {}}
+
+
 def differences(spec: dict, protocol: dict) -> list[str]:
     """Every defining field where a run's protocol differs from a published one, as text.
 
     spec (transfer/paper_numbers.py) gives engine, metric (name -> a phrase the run's
     definition must contain, e.g. "11-point"), model (optional), schedule and input (values
-    compared after flattening, numbers as numbers), and dataset (split sizes compared as a multiset, because
+    compared after flattening, numbers as numbers; with "complete" True the spec is the full
+    published record, so a field recorded here but not there differs too), and dataset (split sizes compared as a multiset, because
     split names are the tool's, and the number of classes; the name is a label anyone can give
     a folder, so it is shown but not compared)."""
     if is_legacy(protocol):
@@ -102,12 +108,14 @@ def differences(spec: dict, protocol: dict) -> list[str]:
         elif phrase.lower() not in str(mine).lower():
             diffs.append(f"metric {metric}: {mine!r} here, published {phrase!r}")
     for part in ("model", "schedule", "input"):
-        mine = flatten(protocol.get(part, {}), part)
-        for path, want in flatten(spec.get(part, {}), part).items():
+        mine, published = _leaves(protocol.get(part, {}), part), _leaves(spec.get(part, {}), part)
+        for path, want in published.items():
             if path not in mine:
                 diffs.append(f"{path}: not recorded here, {show(want)} published")
             elif not _same(mine[path], want):
                 diffs.append(f"{path}: {show(mine[path])} here, {show(want)} published")
+        if spec.get("complete"):  # a full published record: what it lacks was not the paper's setting
+            diffs += [f"{path}: {show(mine[path])} here, not published" for path in mine if path not in published]
     ds, want = protocol.get("dataset", {}), spec["dataset"]
     sizes = sorted(ds.get("splits", {}).values())
     if sizes != sorted(want["splits"].values()):

@@ -95,13 +95,34 @@ def _check_launch(args, engine: str) -> None:
                         "under torchrun instead (torchrun --nproc_per_node N -m transfer detect ...)")
 
 
-def _prepare_folder(out: Path, lead: bool):
+def run_identity(args, engine: str) -> dict:
+    """What defines this run (resume.identity), from its config as the engine reads it."""
+    from transfer.detect import resume
+
+    if engine == "detectron2":
+        from transfer.detect import d2_engine
+
+        cfg = d2_engine.plain(d2_engine.build_cfg(args.config, args.opts))
+        world = args.num_gpus * args.num_machines
+    else:
+        from transfer.detect import config as dcfg
+
+        cfg = dcfg.load(args.config, args.opts)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    return resume.identity(engine, cfg, args.weights, args.arch, world)
+
+
+def _prepare_folder(out: Path, lead: bool, args, engine: str):
     """Create, prove writable and lock the output folder (the first process only: other ranks
-    and machines write into the folder it holds)."""
+    and machines write into the folder it holds); refuse a resume of another run before
+    anything is written."""
+    from transfer.detect import resume
     from transfer.results import start_run
 
+    ident = run_identity(args, engine) if lead else None
     lock = prepare_output(out, "detection run", lock=lead)
     if lead:
+        resume.prepare(out, ident, args.resume)
         start_run(out)  # a run that then fails leaves no results.json for `report` to read
     return lock
 
@@ -113,7 +134,7 @@ def main(argv=None):
     _check_launch(args, engine)
     out = Path(args.output)
     lead = int(os.environ.get("RANK", "0")) == 0 and args.machine_rank == 0  # torchrun / Detectron2 launch
-    lock = _prepare_folder(out, lead)
+    lock = _prepare_folder(out, lead, args, engine)
     try:
         if engine == "detectron2":
             from transfer.detect import d2_engine

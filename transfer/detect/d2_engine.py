@@ -22,6 +22,7 @@ detection/train_net.py:
   detectron2.engine.launch.
 """
 import logging
+import pickle
 import random
 import re
 import time
@@ -34,7 +35,7 @@ from mocobench.config import find_config
 from mocobench.errors import UserError
 from transfer.detect import config as dcfg
 from transfer.detect import datasets as ds
-from transfer.detect import metrics, record
+from transfer.detect import metrics, record, resume
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
@@ -143,6 +144,31 @@ def load_pretrained(model, path) -> dict:
             "incorrect_shapes": [list(map(str, x)) for x in r.incorrect_shapes]}
 
 
+class WeightsOnlyCheckpointer(DetectionCheckpointer):
+    """Reads only .pth files, with torch.load(weights_only=True): a resume never unpickles code
+    (DetectionCheckpointer reads .pkl files with plain pickle.load)."""
+
+    def _load_file(self, filename):
+        if not filename.endswith(".pth"):
+            raise UserError(f"{filename}: a resume reads only the .pth checkpoints this tool writes")
+        return super()._load_file(filename)
+
+    def _torch_load(self, f):
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def resume_from(trainer, out: Path) -> None:
+    """DefaultTrainer.resume_or_load(resume=True), from a checkpoint this tool wrote in `out` only."""
+    path = resume.detectron2_checkpoint(out)
+    try:
+        WeightsOnlyCheckpointer(trainer.model, str(out), **trainer.checkpointer.checkpointables).load(str(path))
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise UserError(f"{path} cannot be resumed from ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        f"it is damaged or not a checkpoint this tool wrote: run without --resume") from None
+    trainer.start_iter = trainer.iter + 1  # the checkpoint holds the iteration that just finished
+    logger.info(f"resumed from {path} at iteration {trainer.start_iter}")
+
+
 def _base_cfg() -> CfgNode:
     cfg = get_cfg()
     cfg.DATASETS.ROOT = dcfg.EXTRA["DATASETS"]["ROOT"]
@@ -208,7 +234,7 @@ def _worker(cfg_text: str, job: dict):
     trainer = Trainer(cfg)
     report = None
     if job["resume"] and trainer.checkpointer.has_checkpoint():
-        trainer.resume_or_load(resume=True)
+        resume_from(trainer, Path(cfg.OUTPUT_DIR))
     else:
         report = load_pretrained(trainer.model, cfg.MODEL.WEIGHTS)
         logger.info(f"pretrained weights {cfg.MODEL.WEIGHTS}: every backbone key loaded; new (random) "

@@ -178,7 +178,7 @@ def _voc_int(node, key: str, xml: Path, spec) -> float | None:
                         f"fix the annotation") from None
 
 
-def _voc_object(obj, xml: Path, spec) -> dict:
+def _voc_object(obj, xml: Path, spec, number: int) -> dict:
     cls = (obj.findtext("name") or "").strip()
     if cls.lower() in BACKGROUND_NAMES:
         raise UserError(f"data set {spec.name}: {xml} labels an object {cls!r}, the background; "
@@ -192,6 +192,10 @@ def _voc_object(obj, xml: Path, spec) -> dict:
         raise UserError(f"data set {spec.name}: {xml} has an object {cls!r} without a complete <bndbox>; "
                         f"fix the annotation")
     x0, y0, x1, y1 = coords
+    where = f"{xml} object {number} ({cls})"
+    if x1 < x0 or y1 < y0:
+        raise UserError(f"data set {spec.name}: {where} has xmin..xmax {x0:g}..{x1:g}, ymin..ymax {y0:g}..{y1:g}: "
+                        f"a max below its min; fix the annotation")
     difficult = _voc_int(obj, "difficult", xml, spec)  # <difficult/> (empty) means 0
     return {
         # VOC stores 1-based inclusive pixel indices; (xmin=1, xmax=W) spans [0, W].
@@ -201,15 +205,31 @@ def _voc_object(obj, xml: Path, spec) -> dict:
         "difficult": int(bool(difficult)),
         "area": (x1 - x0 + 1.0) * (y1 - y0 + 1.0),
         "segmentation": None,
+        "where": where,
     }
+
+
+def _voc_ids(spec: DatasetSpec) -> list:
+    """The split file's image ids; one listed twice would be scored twice: refused."""
+    split_file = spec.dirname / "ImageSets" / "Main" / f"{spec.split}.txt"
+    ids, first = [], {}
+    for number, line in enumerate(split_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fileid = line.strip().split()[0]
+        if fileid in first:
+            raise UserError(f"data set {spec.name}: {split_file} lists {fileid!r} twice (lines {first[fileid]} "
+                            f"and {number}); list each image once")
+        first[fileid] = number
+        ids.append(fileid)
+    if not ids:
+        raise UserError(f"data set {spec.name}: ImageSets/Main/{spec.split}.txt lists no image")
+    return ids
 
 
 def load_voc(spec: DatasetSpec) -> tuple[list, list]:
     """Read a VOC split; sizes missing from an XML are filled from the image by check_images."""
-    ids = [line.strip().split()[0] for line in (spec.dirname / "ImageSets" / "Main" / f"{spec.split}.txt")
-           .read_text().splitlines() if line.strip()]
-    if not ids:
-        raise UserError(f"data set {spec.name}: ImageSets/Main/{spec.split}.txt lists no image")
+    ids = _voc_ids(spec)
     records = []
     for image_id, fileid in enumerate(ids, start=1):
         xml = spec.dirname / "Annotations" / f"{fileid}.xml"
@@ -223,7 +243,7 @@ def load_voc(spec: DatasetSpec) -> tuple[list, list]:
             "file_name": str(spec.dirname / "JPEGImages" / f"{fileid}.jpg"),
             "image_id": image_id, "source_id": fileid,
             "height": int(height) if height else None, "width": int(width) if width else None,
-            "annotations": [_voc_object(obj, xml, spec) for obj in tree.findall("object")],
+            "annotations": [_voc_object(obj, xml, spec, k) for k, obj in enumerate(tree.findall("object"), 1)],
         })
     return records, list(spec.classes)
 
@@ -247,9 +267,33 @@ def _coco_categories(coco, spec) -> tuple[list, list]:
     return [c["id"] for c in fg], [c["name"] for c in fg]
 
 
+def _coco_unique_images(coco, spec) -> None:
+    """pycocotools keeps the last of two images with one id (and reads one file twice under
+    two ids): both are refused."""
+    for key in ("id", "file_name"):
+        seen = set()
+        for img in coco.dataset.get("images", []):
+            if img.get(key) in seen:
+                raise UserError(f"data set {spec.name}: {spec.json_file} lists two images with {key} "
+                                f"{img.get(key)!r}; each image once, under its own id")
+            seen.add(img.get(key))
+
+
+def _coco_box(ann: dict, img: dict, spec) -> tuple[list, str]:
+    where = f"{spec.json_file} annotation {ann.get('id')} (image {img['id']})"
+    x, y, w, h = ann["bbox"]
+    # A negative size is a wrong box; a zero one is kept, as Detectron2 does (COCO train2017 has two
+    # of height 0, e.g. annotation 918): both engines train only on boxes of positive size.
+    if not (w >= 0 and h >= 0):
+        raise UserError(f"data set {spec.name}: {where} has bbox width {w:g} and height {h:g}; a box "
+                        f"needs both at least 0: fix or remove the annotation")
+    return [x, y, x + w, y + h], where
+
+
 def load_coco(spec: DatasetSpec) -> tuple[list, list]:
     """Read a COCO instances file with pycocotools; returns (records, classes)."""
     coco = _coco_api(spec)
+    _coco_unique_images(coco, spec)
     cat_ids, classes = _coco_categories(coco, spec)
     contiguous = {cid: i for i, cid in enumerate(cat_ids)}
     records = []
@@ -260,13 +304,13 @@ def load_coco(spec: DatasetSpec) -> tuple[list, list]:
                 what = "the background (category 0)" if ann["category_id"] in coco.cats else "no category"
                 raise UserError(f"data set {spec.name}: annotation {ann.get('id')} of image {img['id']} has "
                                 f"category_id {ann['category_id']}, {what}; give it a foreground category")
-            x, y, w, h = ann["bbox"]
+            box, where = _coco_box(ann, img, spec)
             annotations.append({
-                "bbox": [x, y, x + w, y + h],
+                "bbox": box, "where": where,
                 "category": contiguous[ann["category_id"]],
                 "iscrowd": int(ann.get("iscrowd", 0)),
                 "difficult": 0,
-                "area": float(ann.get("area") or w * h),
+                "area": float(ann.get("area") or (box[2] - box[0]) * (box[3] - box[1])),
                 "segmentation": ann.get("segmentation"),
             })
         records.append({
@@ -338,6 +382,22 @@ def check_images(records: list, name: str, every_image: bool = True) -> None:
     if bad:
         raise UserError(f"data set {name}: {bad[0]} is {bad[1]}x{bad[2]} but its annotation says "
                         f"{bad[3]}x{bad[4]}; fix the annotation's width/height")
+    check_boxes(records, name)
+
+
+OUTSIDE_PX = 1.0  # how far a box edge may lie outside its image (rounding of hand-drawn boxes)
+
+
+def check_boxes(records: list, name: str) -> None:
+    """Every box lies inside its image (within OUTSIDE_PX): one outside it is a wrong
+    annotation (or one of another image size) that would be trained on and scored."""
+    for r in records:
+        width, height = r["width"], r["height"]
+        for a in r["annotations"]:
+            x0, y0, x1, y1 = a["bbox"]
+            if x0 < -OUTSIDE_PX or y0 < -OUTSIDE_PX or x1 > width + OUTSIDE_PX or y1 > height + OUTSIDE_PX:
+                raise UserError(f"data set {name}: {a.get('where', r['file_name'])} spans x {x0:g}..{x1:g}, "
+                                f"y {y0:g}..{y1:g}, outside its {width}x{height} image; fix the annotation")
 
 
 def check_num_classes(cfg: dict, classes: list, train_name: str, explicit: bool) -> int:

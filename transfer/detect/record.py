@@ -60,11 +60,13 @@ def model(cfg: dict, defaults: dict) -> dict:
 
 
 def schedule(cfg: dict, defaults: dict) -> dict:
-    """The training values, readable, plus every other (non-MODEL) protocol key that differs
-    from the engine's defaults."""
+    """The training values, readable (cfg["RUN"] says the images per process), plus every other
+    (non-MODEL) protocol key that differs from the engine's defaults."""
     s, pbn = cfg["SOLVER"], cfg["TEST"]["PRECISE_BN"]
     return {
         "iterations": s["MAX_ITER"], "lr": s["BASE_LR"], "batch": s["IMS_PER_BATCH"],
+        # BN (and PreciseBN) normalise over one process's images: 16 on 8 GPUs is not 16 on 1.
+        "images_per_process": cfg["RUN"]["ims_per_batch_per_rank"],
         "warmup_iters": s["WARMUP_ITERS"], "warmup_factor": s["WARMUP_FACTOR"],
         "warmup_method": s["WARMUP_METHOD"], "steps": list(s["STEPS"]), "gamma": s["GAMMA"],
         "momentum": s["MOMENTUM"], "weight_decay": s["WEIGHT_DECAY"],
