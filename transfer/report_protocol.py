@@ -1,10 +1,11 @@
 """What a table measured: protocol identity, its header text, and published-number matching.
 
 Results are compared only within one protocol: two results share a table exactly when
-their ``protocol["id"]`` (transfer/results.py: protocol_record) is equal. A record written
-through results.write_results' TRANSITION shim (a plain protocol name: schedule
+their ``protocol["id"]`` (transfer/results.py: protocol_record) is equal. A legacy record (read
+from a results file of this suite's first version, whose protocol was a plain name: schedule
 ``{"legacy": True}``) knows only its name, task, engine and dataset; such records share a
-table only when those and the name are equal, and never get published rows.
+table only when those and the name are equal, and never get published rows. Nothing writes
+them any more.
 """
 import math
 
