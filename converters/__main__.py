@@ -55,7 +55,7 @@ def _pickle_line(info: dict) -> str:
 
 
 @cli
-def main(argv=None) -> dict:
+def main(argv=None) -> None:
     args = parser().parse_args(argv)
     bb = load_backbone(args.input, arch=args.arch, allow_pickle=args.allow_pickle)
     # The command holds its output folder's lock while it writes (library callers hold their own).
@@ -68,7 +68,8 @@ def main(argv=None) -> dict:
         print(f"verified: {line}")
     if args.no_verify:
         print("verified: library load skipped (--no-verify)")
-    return report
+    # Nothing returned: the console script passes main's value to sys.exit, and any object
+    # but None or 0 there is a failure (a dict was printed to stderr with exit status 1).
 
 
 if __name__ == "__main__":

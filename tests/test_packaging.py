@@ -1,6 +1,7 @@
 """Packaging: every package of the checkout ships, the configs ship with them and resolve
 after installation, the console scripts point at real entry points."""
 import importlib
+import sys
 import tomllib
 from pathlib import Path
 
@@ -22,6 +23,35 @@ def test_console_scripts_name_real_entry_points():
     for name, target in PYPROJECT["project"]["scripts"].items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), name
+
+
+def _as_console_script(target: str, argv: list[str]) -> int:
+    """What pip's console-script wrapper does: sys.exit(main()), with sys.argv set."""
+    module, func = target.split(":")
+    entry = getattr(importlib.import_module(module), func)
+    saved = sys.argv
+    sys.argv = [target, *argv]
+    try:
+        sys.exit(entry())
+    except SystemExit as e:
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = saved
+
+
+def test_console_scripts_exit_0_after_a_successful_run(tmp_path):
+    import torch
+    import torchvision
+
+    scripts = PYPROJECT["project"]["scripts"]
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    assert _as_console_script(scripts["moco-convert"],
+                              ["torchvision", str(weights), str(tmp_path / "out.pth")]) == 0
+    assert (tmp_path / "out.pth").is_file()
+    report_in = ROOT / "tests/fixtures/results/good/knn"
+    assert _as_console_script(scripts["moco-transfer"],
+                              ["report", str(report_in), "--output", str(tmp_path / "report")]) == 0
 
 
 def test_configs_resolve_from_anywhere(tmp_path, monkeypatch):
