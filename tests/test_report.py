@@ -344,6 +344,19 @@ def _result(folder, protocol, label, metrics, sha="1", seed=0):
                   wall_time_s=1.0, metrics=metrics)
 
 
+def test_spread_metrics_get_no_delta(tmp_path):
+    ds = {"name": "fashion-mnist", "splits": {"test": 100}, "classes": 10, "fingerprint": "f"}
+    protocol = protocol_record(name="fewshot", task="fewshot", engine="sklearn",
+                               metric={"5way5shot": "mean episode accuracy"},
+                               schedule={"episodes": 600}, input={}, dataset=ds)
+    _result(tmp_path / "a", protocol, "supervised", {"5way5shot": 85.0, "5way5shot_ci95": 0.7}, sha="1")
+    _result(tmp_path / "b", protocol, "moco", {"5way5shot": 77.0, "5way5shot_ci95": 0.9}, sha="2")
+    (t,) = rp.build_tables(rp.load_results([tmp_path]), bootstrap=0)
+    cells = row(t, "moco")["cells"]
+    assert cells["5way5shot"]["delta"] == pytest.approx(-8.0)
+    assert cells["5way5shot_ci95"]["delta"] is None and "(" not in cells["5way5shot_ci95"]["text"]
+
+
 def _published_protocol(anchor, **changes):
     """A run's protocol record built from a published entry's spec, with `changes` applied
     ("schedule.iterations": 2 sets one field)."""

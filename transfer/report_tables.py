@@ -263,6 +263,11 @@ def _baseline(rows, wanted) -> tuple[Row | None, list[str]]:
     return base, [f"baseline: {base.label}"]
 
 
+# Metrics that are the spread of another one (few-shot's 95% half-width, low-shot's std over
+# samples): a difference of two spreads is no comparison, so they get no delta.
+SPREAD_SUFFIXES = ("_ci95", "_std")
+
+
 def _cell(row, metric, base, boot, digits) -> dict:
     empty = {"mean": None, "std": None, "n": 0, "ci": None, "delta": None, "delta_ci": None,
              "seed_p": None, "significant": None}
@@ -276,7 +281,7 @@ def _cell(row, metric, base, boot, digits) -> dict:
     if boot is not None and row.kind == "ours":
         cell["ci"] = boot.ci(row, metric)
     bst = base.stat(metric) if base is not None and base is not row else None
-    if bst is not None:
+    if bst is not None and not metric.endswith(SPREAD_SUFFIXES):
         cell["delta"] = _delta(mean, bst[0], digits)
         if row.kind == "ours" and cell["delta"] is not None:
             cell["delta_ci"] = boot.delta_ci(row, base, metric) if boot is not None else None
