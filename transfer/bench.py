@@ -114,8 +114,8 @@ class BenchConfig:
     # Stages run at once (executor local). Stages run as soon as what they need is done,
     # `jobs` at a time; each gets cores/jobs threads. On a 2-core CPU two 1-thread processes
     # get more done than one 2-thread process (small tensors, per-op overhead): the demo bench
-    # takes 9:31-9:39 with 2 and 13:29 with 1. On a GPU node leave it at 1: each stage already
-    # fills the node (nproc).
+    # took 9:31 with 2 and 13:29 with 1 (its earlier, shorter tasks). On a GPU node leave it
+    # at 1: each stage already fills the node (nproc).
     jobs: int = setting(1, ge=1)
     executor: str = setting("local", choices=("local", "slurm"))
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
