@@ -151,19 +151,20 @@ def read_chain(path) -> list[tuple[Path, dict]]:
     return chain + [(path, data)]
 
 
-def _dotted(node: dict, prefix: str = ""):
+def items(node: dict, prefix: str = ""):
+    """(dotted key, value) for every leaf of a nested config dict: ("SOLVER.BASE_LR", 0.02)."""
     for key, value in node.items():
         if isinstance(value, dict):
-            yield from _dotted(value, f"{prefix}{key}.")
+            yield from items(value, f"{prefix}{key}.")
         else:
-            yield f"{prefix}{key}"
+            yield f"{prefix}{key}", value
 
 
 def explicit_keys(path, opts=()) -> set[str]:
     """The dotted keys the config file chain or the KEY VALUE overrides set (as opposed to
     those left at Detectron2's defaults): an explicit NUM_CLASSES that contradicts the data
     is refused, a default one follows the data."""
-    keys = {k for _, data in read_chain(path) for k in _dotted(data)}
+    keys = {k for _, data in read_chain(path) for k, _ in items(data)}
     return keys | set(list(opts)[0::2])
 
 

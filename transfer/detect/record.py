@@ -4,7 +4,7 @@ per-image outcomes (transfer.outcomes) that `report` bootstraps. Shared by both 
 import os
 
 from transfer.detect import metrics
-from transfer.detect.config import get
+from transfer.detect.config import get, items
 from transfer.outcomes import save_detection
 from transfer.results import dataset_fingerprint, protocol_record, write_results
 
@@ -22,14 +22,6 @@ NOT_PROTOCOL = {
 }
 
 
-def _flat(node: dict, prefix: str = ""):
-    for key, value in node.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 # Shown by name in the schedule record.
 SCHEDULE_KEYS = {"SOLVER.MAX_ITER", "SOLVER.BASE_LR", "SOLVER.IMS_PER_BATCH", "SOLVER.WARMUP_ITERS",
                  "SOLVER.WARMUP_FACTOR", "SOLVER.WARMUP_METHOD", "SOLVER.STEPS", "SOLVER.GAMMA",
@@ -44,8 +36,8 @@ def _relevant(key: str) -> bool:
 def _changed(cfg: dict, defaults: dict, model: bool) -> dict:
     """Protocol keys of the resolved config (overrides included) that differ from the engine's
     defaults: the MODEL section's (model=True) or the others'."""
-    base = dict(_flat(defaults))
-    return {k: v for k, v in _flat(cfg) if _relevant(k) and k.startswith("MODEL.") == model
+    base = dict(items(defaults))
+    return {k: v for k, v in items(cfg) if _relevant(k) and k.startswith("MODEL.") == model
             and (k not in base or base[k] != v)}
 
 

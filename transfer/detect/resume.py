@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mocobench.errors import UserError
 from mocobench.fileio import atomic_json, sha256_file
+from transfer.detect.config import items
 
 IDENTITY = "run_identity.json"
 MARKERS = {"torchvision": "last_checkpoint.pth", "detectron2": "last_checkpoint"}
@@ -25,17 +26,9 @@ MAY_CHANGE = ("OUTPUT_DIR", "MODEL.DEVICE", "MODEL.WEIGHTS", "DATALOADER.NUM_WOR
 D2_CHECKPOINT = re.compile(r"^model_(\d{7}|final)\.pth$")
 
 
-def _flat(node: dict, prefix: str = ""):
-    for key, value in node.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 def identity(engine: str, cfg: dict, weights: str, arch: str | None, world: int) -> dict:
     """What defines the run (JSON-plain, so that a saved one compares equal)."""
-    config = {k: v for k, v in _flat(cfg) if k not in MAY_CHANGE}
+    config = {k: v for k, v in items(cfg) if k not in MAY_CHANGE}
     if weights == "random":
         digest = f"random init ({arch})"
     else:
