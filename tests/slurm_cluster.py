@@ -160,6 +160,22 @@ class SlurmCluster:
             time.sleep(0.5)
         raise TimeoutError(f"jobs still live after {seconds} s: {self.jobs()}")
 
+    def job_processes(self, job: str) -> list[int]:
+        """Processes of one job still on the node: its slurmstepd ("slurmstepd: [ID.batch]")
+        and everything started inside it (SLURM_JOB_ID=ID)."""
+        mark, title = f"SLURM_JOB_ID={job}".encode(), f"slurmstepd: [{job}.".encode()
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    proc = Path(f"/proc/{entry}")
+                    if (proc / "cmdline").read_bytes().startswith(title) or \
+                            mark in (proc / "environ").read_bytes().split(b"\0"):
+                        found.append(int(entry))
+                except OSError:
+                    continue
+        return found
+
     def _leftovers(self) -> list[int]:
         """Processes started under this cluster (job steps and their children carry its
         SLURM_CONF), other than this one."""

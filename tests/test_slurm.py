@@ -133,7 +133,7 @@ def test_a_failing_stage_cancels_its_dependants_which_become_failed_rows(cluster
     assert ("a stage they need failed" in text) == (kill_flag == "no")
 
 
-def _wait_for_step(log: Path, step: int, seconds: float = 300) -> None:
+def _wait_for_step(log: Path, step: int, cluster, job: str, seconds: float = 300) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if log.exists():
@@ -141,14 +141,26 @@ def _wait_for_step(log: Path, step: int, seconds: float = 300) -> None:
             if steps and max(steps) >= step:
                 return
         time.sleep(0.2)
-    raise TimeoutError(f"{log} never reached step {step}")
+    raise TimeoutError(f"{log} never reached step {step}; the cluster says:\n"
+                       + cluster.run("scontrol", "show", "job", job, check=False)
+                       + cluster.run("sinfo", "-N", "-l", check=False)
+                       + cluster.run("squeue", "-t", "all", "-o", "%i %j %T %r %S", check=False)
+                       + "".join(f"{name}:\n" + "\n".join(x for x in (cluster.root / name).read_text().splitlines()
+                                                        if re.search(rf"(JobId=|job |StepId=|JobID=){job}\b", x, re.I))[-4000:] + "\n"
+                                 for name in ("slurmctld.log", "slurmd.log")))
 
 
 def _requeued(cluster, job: str) -> None:
-    """SLURM holds a requeued job for two minutes (its BeginTime); start it now."""
+    """SLURM holds a requeued job for two minutes (its BeginTime); start it sooner, but only
+    once its first attempt has left the node and a new second has begun: slurmd refuses a
+    launch whose credential is not newer (whole seconds) than the kill's revocation ("Job
+    credential revoked"), and the job then fails instead of running again."""
     deadline = time.time() + 60
     while cluster.jobs().get(job) != "PENDING" and time.time() < deadline:
         time.sleep(0.2)
+    while cluster.job_processes(job) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
 
@@ -170,10 +182,10 @@ def test_a_stopped_and_requeued_pretraining_resumes_to_the_uninterrupted_weights
     bench(cluster, config, out, "executor=slurm")
     job = records(out)["pretrain/moco"]["job_id"]
     log = out / "pretrain/moco/log.jsonl"
-    _wait_for_step(log, 6)
+    _wait_for_step(log, 6, cluster, job)
     cluster.run("scancel", "--signal=USR2", job)  # what SLURM sends before the time limit (submitit)
     _requeued(cluster, job)
-    _wait_for_step(log, 22)
+    _wait_for_step(log, 22, cluster, job)
     cluster.run("scontrol", "requeue", job)  # SLURM's own preemption: SIGTERM, then requeue
     _requeued(cluster, job)
     bench(cluster, config, out, "executor=slurm", "--wait")
