@@ -30,13 +30,6 @@ from pathlib import Path
 
 import torch
 import yaml
-
-from mocobench.config import find_config
-from mocobench.errors import UserError
-from transfer.detect import config as dcfg
-from transfer.detect import datasets as ds
-from transfer.detect import metrics, record, resume
-
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import DefaultTrainer, default_setup, launch
@@ -44,6 +37,12 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.layers import get_norm
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads
 from detectron2.utils import comm
+
+from mocobench.config import find_config
+from mocobench.errors import UserError
+from transfer.detect import config as dcfg
+from transfer.detect import datasets as ds
+from transfer.detect import metrics, record, resume
 
 logger = logging.getLogger("detectron2.moco_bench")  # a child of "detectron2": its console + log.txt
 SYNC_NORMS = ("SyncBN", "naiveSyncBN")
