@@ -12,6 +12,7 @@ neither needs nor touches a system SLURM. Needs root (slurmd starts jobs as thei
 tests skip with the reason instead of failing.
 """
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -160,35 +161,42 @@ class SlurmCluster:
             time.sleep(0.5)
         raise TimeoutError(f"jobs still live after {seconds} s: {self.jobs()}")
 
-    def job_processes(self, job: str) -> list[int]:
-        """Processes of one job still on the node: its slurmstepd ("slurmstepd: [ID.batch]")
-        and everything started inside it (SLURM_JOB_ID=ID)."""
-        mark, title = f"SLURM_JOB_ID={job}".encode(), f"slurmstepd: [{job}.".encode()
+    @staticmethod
+    def _processes(matches) -> list[int]:
+        """Pids of the processes (other than this one) for which matches(cmdline, environ
+        entries) holds."""
         found = []
         for entry in os.listdir("/proc"):
-            if entry.isdigit():
+            if entry.isdigit() and int(entry) != os.getpid():
+                proc = Path(f"/proc/{entry}")
                 try:
-                    proc = Path(f"/proc/{entry}")
-                    if (proc / "cmdline").read_bytes().startswith(title) or \
-                            mark in (proc / "environ").read_bytes().split(b"\0"):
+                    if matches((proc / "cmdline").read_bytes(), (proc / "environ").read_bytes().split(b"\0")):
                         found.append(int(entry))
                 except OSError:
                     continue
         return found
 
+    def job_processes(self, job: str) -> list[int]:
+        """Processes of one job still on the node: its slurmstepd ("slurmstepd: [ID.batch]")
+        and everything started inside it (SLURM_JOB_ID=ID)."""
+        mark, title = f"SLURM_JOB_ID={job}".encode(), f"slurmstepd: [{job}.".encode()
+        return self._processes(lambda cmdline, environ: cmdline.startswith(title) or mark in environ)
+
+    def describe_job(self, job: str) -> str:
+        """What the controller and the node say of a job: for a test's failure message."""
+        said = [self.run("scontrol", "show", "job", job, check=False), self.run("sinfo", "-N", "-l", check=False),
+                self.run("squeue", "-t", "all", "-o", "%i %j %T %r %S", check=False)]
+        about = re.compile(rf"(JobId=|job |StepId=|JobID=){job}\b", re.I)
+        for name in ("slurmctld.log", "slurmd.log"):
+            lines = (self.root / name).read_text(errors="replace").splitlines()
+            said.append(f"{name}:\n" + "\n".join(x for x in lines if about.search(x))[-4000:] + "\n")
+        return "".join(said)
+
     def _leftovers(self) -> list[int]:
         """Processes started under this cluster (job steps and their children carry its
-        SLURM_CONF), other than this one."""
+        SLURM_CONF)."""
         mark = f"SLURM_CONF={self.root / 'slurm.conf'}".encode()
-        found = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) != os.getpid():
-                try:
-                    if mark in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                        found.append(int(entry))
-                except OSError:
-                    continue
-        return found
+        return self._processes(lambda cmdline, environ: mark in environ)
 
     def stop(self) -> None:
         if self.root and (self.root / "slurm.conf").exists() and self.procs:

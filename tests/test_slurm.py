@@ -141,13 +141,7 @@ def _wait_for_step(log: Path, step: int, cluster, job: str, seconds: float = 300
             if steps and max(steps) >= step:
                 return
         time.sleep(0.2)
-    raise TimeoutError(f"{log} never reached step {step}; the cluster says:\n"
-                       + cluster.run("scontrol", "show", "job", job, check=False)
-                       + cluster.run("sinfo", "-N", "-l", check=False)
-                       + cluster.run("squeue", "-t", "all", "-o", "%i %j %T %r %S", check=False)
-                       + "".join(f"{name}:\n" + "\n".join(x for x in (cluster.root / name).read_text().splitlines()
-                                                        if re.search(rf"(JobId=|job |StepId=|JobID=){job}\b", x, re.I))[-4000:] + "\n"
-                                 for name in ("slurmctld.log", "slurmd.log")))
+    raise TimeoutError(f"{log} never reached step {step}; the cluster says:\n" + cluster.describe_job(job))
 
 
 def _requeued(cluster, job: str) -> None:
